@@ -1,0 +1,84 @@
+#!/usr/bin/env python3
+"""Developer entry point: needs only Python 3.10+, sets up its own virtual environment.
+
+    python3 run.py demo     # run the demo (SQLite by default; DATABASE_URL=... for PostgreSQL)
+    python3 run.py test     # run the test suite (extra arguments go to pytest)
+    python3 run.py lint     # ruff + mypy --strict
+
+The environment lives in .venv/. Dependencies are (re)installed when pyproject.toml changes;
+the project itself is reinstalled (non-editable, from a freshly built wheel) on every run, so
+the tests exercise what users install.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+VENV = ROOT / ".venv"
+BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
+PY = BIN / ("python.exe" if os.name == "nt" else "python")
+
+EXTRAS = {"demo": "sqlite,postgres", "test": "test", "lint": "test,lint", "bench": "test"}
+
+
+def sh(*args: str | Path, **kwargs: object) -> None:
+    print("+", " ".join(map(str, args)), flush=True)
+    subprocess.run([str(a) for a in args], check=True, cwd=ROOT, **kwargs)  # type: ignore[call-overload]
+
+
+def ensure_env(extras: str) -> None:
+    if not PY.exists():
+        venv.EnvBuilder(with_pip=True, clear=True).create(VENV)
+        sh(PY, "-m", "pip", "install", "--quiet", "--upgrade", "pip")
+    digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes() + extras.encode()).hexdigest()
+    stamp = VENV / f".installed-{extras.replace(',', '_')}"
+    if not stamp.exists() or stamp.read_text() != digest:
+        sh(PY, "-m", "pip", "install", "--quiet", f".[{extras}]")
+        stamp.write_text(digest)
+    # Always reinstall the project itself from a fresh wheel (fast; no dependency resolution).
+    sh(
+        PY,
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "--no-deps",
+        "--force-reinstall",
+        "--no-cache-dir",
+        ".",
+    )
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] not in EXTRAS:
+        print(__doc__)
+        return 2
+    command, rest = argv[0], argv[1:]
+    ensure_env(EXTRAS[command])
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+    try:
+        if command == "demo":
+            sh(PY, "examples/quickstart.py", *rest, env=env)
+        elif command == "test":
+            sh(PY, "-m", "pytest", *rest, env=env)
+        elif command == "lint":
+            sh(PY, "-m", "ruff", "check", ".")
+            sh(PY, "-m", "ruff", "format", "--check", ".")
+            sh(PY, "-m", "mypy")
+        elif command == "bench":
+            sh(PY, *(rest or ["benchmarks/session_lookup.py"]), env=env)
+    except subprocess.CalledProcessError as exc:
+        return exc.returncode
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,41 @@
+"""Context-scoped SQLAlchemy async sessions: one session per scope, committed at its end."""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from ._database import Database
+from ._scope import run_isolated, scope
+from ._transaction import TransactionBlock
+from .exceptions import (
+    CommitError,
+    ConfigurationError,
+    NestedScopeError,
+    NoScopeError,
+    ScopeClosedError,
+    SqlaContextError,
+    TransactionAlreadyOpenError,
+)
+
+try:
+    __version__ = version("sqla-context")
+except PackageNotFoundError:  # pragma: no cover - running from a source tree without install
+    __version__ = "0.0.0"
+
+__all__ = [
+    "CommitError",
+    "ConfigurationError",
+    "Database",
+    "NestedScopeError",
+    "NoScopeError",
+    "ScopeClosedError",
+    "SqlaContextError",
+    "TransactionAlreadyOpenError",
+    "TransactionBlock",
+    "__version__",
+    "run_isolated",
+    "scope",
+]
+
+# Show the public home in reprs and docs (httpx does the same).
+for _obj in (Database, TransactionBlock, run_isolated, scope):
+    _obj.__module__ = __name__
+del _obj

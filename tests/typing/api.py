@@ -1,0 +1,58 @@
+"""Lines users write, checked by `mypy --strict` in CI and never executed.
+
+A typing regression in the public API fails CI here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from sqla_context import CommitError, Database, run_isolated, scope
+
+db = Database("sqlite+aiosqlite:///app.db", engine_options={"echo": False})
+engine: AsyncEngine = db.engine
+maker: async_sessionmaker[AsyncSession] = db.sessionmaker
+
+
+@scope()
+async def job(user_id: int, *, dry_run: bool = False) -> str:
+    session: AsyncSession = await db.session()
+    await session.execute(text("select 1"))
+    return str(user_id)
+
+
+@scope(commit="never", nested="new")
+async def report(*args: int) -> int:
+    return sum(args)
+
+
+@db.transaction(existing="join")
+async def write(name: str) -> None:
+    session = await db.session()
+    await session.execute(text("select :n"), {"n": name})
+
+
+async def main() -> None:
+    name: str = await job(1, dry_run=True)
+    total: int = await report(1, 2, 3)
+    a, b = await asyncio.gather(run_isolated(job, 1), run_isolated(report, 1, 2))
+    pair: tuple[str, int] = (a, b)
+    async with scope(before_commit=lambda s: None):
+        async with db.transaction() as session:
+            s2: AsyncSession = session
+        await db.commit()
+        await db.rollback()
+        await db.close_session(commit=False)
+    async with db.new_session(begin=True) as independent:
+        s3: AsyncSession = independent
+    try:
+        await write("x")
+    except CommitError as exc:
+        failed: str = exc.failed
+        committed: list[str] = exc.committed
+    await db.switch_url("sqlite+aiosqlite:///other.db")
+    await db.dispose()
+    del name, total, pair, s2, s3, failed, committed
