@@ -24,7 +24,7 @@ VENV = ROOT / ".venv"
 BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
 PY = BIN / ("python.exe" if os.name == "nt" else "python")
 
-EXTRAS = {"demo": "sqlite,postgres", "test": "test", "lint": "test,lint", "bench": "test"}
+EXTRAS = {"demo": "demo", "test": "test", "lint": "test,lint", "bench": "test"}
 
 
 def sh(*args: str | Path, **kwargs: object) -> None:
@@ -64,7 +64,7 @@ def main(argv: list[str]) -> int:
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
     try:
         if command == "demo":
-            sh(PY, "examples/quickstart.py", *rest, env=env)
+            sh(PY, "examples/demo_app.py", *rest, env=env)
         elif command == "test":
             sh(PY, "-m", "pytest", *rest, env=env)
         elif command == "lint":

@@ -39,13 +39,26 @@ BACKENDS = [
 _unreachable: dict[str, str] = {}  # url -> reason, so a dead server costs one timeout per run
 
 
+# Server-side ids (PG backend pids, MariaDB thread ids) of every connection this process
+# opened: open_transactions() looks only at these, so other processes using the same
+# database (a parallel test run, a developer's psql) cannot make a test fail.
+_server_ids: set[int] = set()
+
+
 @event.listens_for(Engine, "connect")
-def _sqlite_foreign_keys(dbapi_connection: Any, _record: Any) -> None:
-    # SQLite enforces foreign keys (and so deferred ones, checked at COMMIT) only when asked.
-    if "sqlite" in type(dbapi_connection).__module__:
-        cursor = dbapi_connection.cursor()
+def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+    module = type(dbapi_connection).__module__
+    cursor = dbapi_connection.cursor()
+    if "sqlite" in module:
+        # SQLite enforces foreign keys (so deferred ones, checked at COMMIT) only when asked.
         cursor.execute("PRAGMA foreign_keys=ON")
-        cursor.close()
+    elif "postgresql" in module:
+        cursor.execute("SELECT pg_backend_pid()")
+        _server_ids.add(int(cursor.fetchone()[0]))
+    else:
+        cursor.execute("SELECT connection_id()")
+        _server_ids.add(int(cursor.fetchone()[0]))
+    cursor.close()
 
 
 async def _why_unusable(url: str, driver: str) -> str | None:
@@ -143,18 +156,23 @@ class Backend:
             return [r[0] for r in rows]
 
     async def open_transactions(self) -> int:
-        """Server-side transactions left open by other connections (0 on SQLite)."""
-        if self.kind == "sqlite":
+        """Transactions left open on the server by this process's other connections.
+
+        PostgreSQL: sessions ``idle in transaction``; MariaDB: InnoDB transactions. Always 0
+        on SQLite, where the pool's checked-out count is the check.
+        """
+        if self.kind == "sqlite" or not _server_ids:
             return 0
+        ids = ", ".join(map(str, sorted(_server_ids)))
         if self.kind == "postgresql":
             sql = (
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-                "AND pid <> pg_backend_pid() AND state LIKE 'idle in transaction%'"
+                "SELECT count(*) FROM pg_stat_activity WHERE pid <> pg_backend_pid() "
+                f"AND state LIKE 'idle in transaction%' AND pid IN ({ids})"
             )
         else:
             sql = (
                 "SELECT count(*) FROM information_schema.innodb_trx "
-                "WHERE trx_mysql_thread_id <> connection_id()"
+                f"WHERE trx_mysql_thread_id <> connection_id() AND trx_mysql_thread_id IN ({ids})"
             )
         async with self.witness.connect() as conn:
             return int((await conn.execute(text(sql))).scalar_one())
@@ -195,6 +213,89 @@ async def insert(session: AsyncSession, name: str) -> None:
     await session.execute(text("INSERT INTO items (name) VALUES (:name)"), {"name": name})
 
 
+# Each test process works in databases of its own on the servers, named after its pid, so
+# that two runs at once (a developer and CI, parallel workers) never share tables.
+RUN_PREFIX = "test_sqla_ctx_"
+RUN_DATABASE = f"{RUN_PREFIX}{os.getpid()}"
+
+
+_run_urls: dict[str, str] = {}
+
+
+async def _run_url(url: str) -> str:
+    """``url`` moved to this process's own database (created on first use)."""
+    if url in _run_urls:
+        return _run_urls[url]
+    admin = create_async_engine(url)
+    try:
+        await _drop_stale_databases(admin)
+        await _create_database(admin, RUN_DATABASE)
+    finally:
+        await admin.dispose()
+    _run_urls[url] = make_url(url).set(database=RUN_DATABASE).render_as_string(False)
+    return _run_urls[url]
+
+
+async def _list_run_databases(conn: Any, dialect: str) -> list[str]:
+    sql = "SELECT datname FROM pg_database" if dialect == "postgresql" else "SHOW DATABASES"
+    names = (await conn.execute(text(sql))).scalars().all()
+    return [n for n in names if n.startswith(RUN_PREFIX)]
+
+
+async def _drop_databases(admin: AsyncEngine, keep_pid_alive: bool) -> None:
+    async with admin.connect() as conn:
+        conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
+        for name in await _list_run_databases(conn, admin.dialect.name):
+            pid = name.removeprefix(RUN_PREFIX).split("_")[0]
+            if keep_pid_alive and (not pid.isdigit() or _alive(int(pid))):
+                continue
+            if not keep_pid_alive and pid != str(os.getpid()):
+                continue
+            if admin.dialect.name == "postgresql":
+                await conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+            else:
+                await conn.execute(text(f"DROP DATABASE IF EXISTS `{name}`"))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+_swept: set[str] = set()
+
+
+async def _drop_stale_databases(admin: AsyncEngine) -> None:
+    """Drop databases left by test processes that died without cleaning up."""
+    key = str(admin.url)
+    if key not in _swept:
+        _swept.add(key)
+        await _drop_databases(admin, keep_pid_alive=True)
+
+
+_server_urls: set[str] = set()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    async def drop_ours() -> None:
+        for url in _server_urls:
+            admin = create_async_engine(url)
+            try:
+                await _drop_databases(admin, keep_pid_alive=False)
+            except Exception as exc:  # a server that went away: nothing to clean
+                print(f"could not drop test databases on {url}: {exc}")
+            finally:
+                await admin.dispose()
+
+    if _server_urls:
+        asyncio.run(drop_ours())
+
+
 @pytest.fixture(params=BACKENDS)
 async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
     kind, url_template, driver = request.param
@@ -204,6 +305,9 @@ async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
         if REQUIRE_SERVERS:
             pytest.fail(f"SQLA_CONTEXT_REQUIRE_SERVERS is set but {problem}")
         pytest.skip(problem)
+    if kind != "sqlite":
+        _server_urls.add(url)
+        url = await _run_url(url)
     be = Backend(kind, url, driver)
     await be.setup()
     try:

@@ -382,7 +382,7 @@ async def test_task_outliving_its_scope_gets_scope_closed_error(backend: Backend
     assert await backend.names() == ["a"]
 
 
-async def test_generator_resumed_after_scope_gets_scope_closed_error(sqlite: Backend) -> None:
+async def test_generator_resumed_after_scope_sees_no_scope(sqlite: Backend) -> None:
     db = sqlite.database()
 
     async def rows() -> object:

@@ -179,6 +179,33 @@ async def test_failed_block_commit_rolls_back_and_raises(backend: Backend) -> No
     assert await backend.names() == []
 
 
+async def test_block_nested_before_any_statement_is_a_savepoint(backend: Backend) -> None:
+    # On SQLite a savepoint before any write needs SQLAlchemy to send BEGIN (sqlite_begin).
+    db = backend.database(sqlite_begin=True)
+    async with scope():
+        with pytest.raises(Boom):
+            async with db.transaction():
+                async with db.transaction() as session:  # no statement ran yet outside
+                    await insert(session, "inner")
+                assert await backend.names() == [], "the inner block must not commit"
+                raise Boom
+    assert await backend.names() == []
+
+
+async def test_decorated_block_called_first_thing_in_a_block_nests(backend: Backend) -> None:
+    db = backend.database(sqlite_begin=True)
+
+    @db.transaction()
+    async def add(name: str) -> None:
+        await insert(await db.session(), name)
+
+    async with scope():
+        async with db.transaction():
+            await add("a")
+            assert await backend.names() == []
+        assert await backend.names() == ["a"]
+
+
 async def test_close_session_inside_block(backend: Backend) -> None:
     db = backend.database()
     async with scope():
@@ -210,6 +237,19 @@ async def test_block_object_cannot_be_entered_twice_at_once(sqlite: Backend) -> 
         with pytest.raises(RuntimeError, match="already in use"):
             async with block:
                 pass
+
+
+async def test_sqlite_without_sqlite_begin_commits_an_early_savepoint(sqlite: Backend) -> None:
+    # Documents the driver behaviour that sqlite_begin=True exists for: with the default, a
+    # SAVEPOINT sent before any write starts SQLite's transaction and its RELEASE commits.
+    db = sqlite.database()
+    async with scope():
+        with pytest.raises(Boom):
+            async with db.transaction():
+                async with db.transaction() as session:
+                    await insert(session, "escaped")
+                raise Boom
+    assert await sqlite.names() == ["escaped"]
 
 
 def test_decorator_rejects_sync_functions(tmp_path: object) -> None:

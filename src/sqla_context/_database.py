@@ -8,7 +8,7 @@ import threading
 from collections.abc import AsyncIterator, Mapping
 from typing import TYPE_CHECKING, Any, cast
 
-from sqlalchemy import URL, make_url
+from sqlalchemy import URL, Connection, event, make_url
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -24,6 +24,18 @@ if TYPE_CHECKING:
     from ._typing import BeforeSessionHook, EngineFactory, ExistingMode, SessionHook
 
 __all__ = ["Database"]
+
+
+def _let_sqlalchemy_begin(engine: AsyncEngine) -> None:
+    """Make SQLAlchemy, not the sqlite3 driver, decide where SQLite transactions begin."""
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def _driver_autocommit(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None  # the driver sends no BEGIN/COMMIT itself
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def _begin(connection: Connection) -> None:
+        connection.exec_driver_sql("BEGIN")
 
 
 class Database:
@@ -43,9 +55,11 @@ class Database:
             ``echo``, ...). With ``engine_factory`` they are used only by :meth:`switch_url`.
         session_options: keyword arguments for ``async_sessionmaker``. The default is
             ``expire_on_commit=False``: after a commit, SQLAlchemy would otherwise expire every
-            loaded object, and the next attribute access would need a lazy load, which in
-            async code raises ``MissingGreenlet`` (or costs a query per object) once the
-            session is closed. Pass ``expire_on_commit=True`` to get SQLAlchemy's default back.
+            loaded object, and the next attribute access would need an implicit refresh,
+            which async code cannot do (``MissingGreenlet`` inside the scope,
+            ``DetachedInstanceError`` after it has closed the session). Objects returned by a
+            handler after an early commit stay readable. Pass ``expire_on_commit=True`` to
+            get SQLAlchemy's default back.
         name: a label for logs and errors; defaults to the URL with the password hidden.
         before_session: ``async def hook(db)`` awaited before each scope session (and each
             :meth:`new_session`) is created. It may call :meth:`switch_url`, e.g. after asking
@@ -54,6 +68,15 @@ class Database:
             for this database (scope exit, :meth:`commit`, :meth:`close_session`,
             :meth:`transaction`). Sync or async. An exception aborts the commit.
         after_commit: called with the session after each such commit.
+        sqlite_begin: SQLite only, for engines built from ``url``. Python's sqlite3 driver
+            (and aiosqlite on top of it) sends ``BEGIN`` only before the first write, so reads
+            and a SAVEPOINT sent before any write run outside a transaction, and the
+            SAVEPOINT's RELEASE commits. ``True`` switches the driver's handling off and lets
+            SQLAlchemy emit ``BEGIN`` (SQLAlchemy's documented recipe): transactions and
+            savepoints then behave as on PostgreSQL, at the price of SQLite's real locking
+            (a scope that has read holds a shared lock until it ends, which blocks other
+            connections' commits unless the database is in WAL mode). ``False`` (default)
+            keeps the driver's behaviour.
 
     Raises:
         ConfigurationError: neither or both of ``url`` and ``engine_factory``, or a
@@ -69,6 +92,7 @@ class Database:
         "_name",
         "_retired",
         "_sessionmaker",
+        "_sqlite_begin",
         "_url",
         "_users",
         "after_commit",
@@ -89,6 +113,7 @@ class Database:
         before_session: BeforeSessionHook | None = None,
         before_commit: SessionHook | None = None,
         after_commit: SessionHook | None = None,
+        sqlite_begin: bool = False,
     ) -> None:
         if (url is None) == (engine_factory is None):
             raise ConfigurationError("Database() needs exactly one of `url` and `engine_factory`")
@@ -109,6 +134,7 @@ class Database:
         self.before_session = before_session
         self.before_commit = before_commit
         self.after_commit = after_commit
+        self._sqlite_begin = sqlite_begin
         self._engine: AsyncEngine | None = None
         self._sessionmaker: async_sessionmaker[AsyncSession] | None = None
         # Open sessions per engine, so that an engine replaced by switch_url() is disposed
@@ -167,6 +193,8 @@ class Database:
             if self._engine is None:
                 if self._url is not None:
                     engine = create_async_engine(self._url, **self.engine_options)
+                    if self._sqlite_begin and engine.dialect.name == "sqlite":
+                        _let_sqlalchemy_begin(engine)
                 else:
                     assert self._factory is not None
                     engine = self._factory()
@@ -215,6 +243,16 @@ class Database:
             self._retired.clear()
         for engine in engines:
             await engine.dispose()
+
+    async def __aenter__(self) -> Database:
+        """``async with db:`` returns ``db`` and disposes its engine when the block ends.
+
+        Handy in an application's lifespan or a script's ``main()``.
+        """
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.dispose()
 
     def _open_session(self) -> AsyncSession:
         session = self.sessionmaker()

@@ -129,15 +129,20 @@ async def _finish(
         raise hook_failure
 
 
-async def settle(unit: _Unit, *, failed: bool) -> None:
+async def settle(unit: _Unit, *, failed: bool, keep_open: bool = False) -> None:
     """End ``unit``: commit or roll back and close its sessions, surviving cancellation.
+
+    With ``keep_open`` the sessions are ended but the unit stays usable: a later
+    ``db.session()`` opens a fresh session in it (the ASGI middleware commits at the
+    response start this way, and work done while the body streams gets new sessions).
 
     The work runs in a task of its own awaited through ``shield``: a cancellation that
     arrives meanwhile stops only our wait, never a half-done COMMIT/ROLLBACK/close. We then
     keep waiting (bounded by ``_FINISH_TIMEOUT``) so that the connections are back in the
     pool before the cancellation propagates, and re-raise it.
     """
-    unit.closed = True
+    if not keep_open:
+        unit.closed = True
     if not unit.sessions:  # nothing was opened: no task, no I/O
         return
     # Detach the sessions before any await, so nobody can fetch one that is being closed.

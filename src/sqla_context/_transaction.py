@@ -49,9 +49,15 @@ class TransactionBlock:
                 self._kind, self._savepoint = "savepoint", await session.begin_nested()
             elif existing == "commit":
                 await commit_session(db, _current.get(), session)
+                await session.begin()
             elif existing == "rollback":
                 await session.rollback()
+                await session.begin()
             # "join": nothing to do; the block's exit commits the open transaction.
+        else:
+            # Begin now (no I/O yet), so that a block nested inside this one before any
+            # statement ran sees the transaction and takes a savepoint instead of committing.
+            await session.begin()
         self._session = session
         return session
 

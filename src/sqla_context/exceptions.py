@@ -49,8 +49,9 @@ class NoScopeError(SqlaContextError, LookupError):
 
     def __init__(self, db_name: str) -> None:
         super().__init__(
-            f"No active scope for database {db_name!r}. Add SessionMiddleware to the app, or run "
-            "this code under `async with scope():` / `@scope()`. A task or thread started before "
+            f"No active scope for database {db_name!r}. Add "
+            "sqla_context.asgi.SessionMiddleware to the app, or run this code under "
+            "`async with scope():` / `@scope()`. A task or thread started before "
             "the scope began cannot see it: pass it the session, or use "
             "`run_isolated()` / `db.new_session()` for independent work."
         )
@@ -60,8 +61,8 @@ class NoScopeError(SqlaContextError, LookupError):
 class ScopeClosedError(SqlaContextError, RuntimeError):
     """A scope that has already ended was asked for a session.
 
-    Happens when code keeps a copy of the scope's context past its end: a background
-    task created inside the scope, or a generator resumed after the response. The
+    Happens when code keeps a copy of the scope's context past its end: a task created
+    inside the scope that outlives it, or a callback run later in a copy of its context. The
     scope's sessions are committed or rolled back and closed; a new one is not opened
     silently, because nothing would ever commit or close it.
     """
@@ -69,8 +70,8 @@ class ScopeClosedError(SqlaContextError, RuntimeError):
     def __init__(self, db_name: str) -> None:
         super().__init__(
             f"The scope has already closed; cannot open a session for database {db_name!r}. "
-            "This code outlived the scope it was started in (a background task or a generator "
-            "resumed later). Open a scope of its own: `async with scope(nested='new'):` or "
+            "This code outlived the scope it was started in (e.g. a task created inside the "
+            "scope). Give it a scope of its own: `async with scope(nested='new'):` or "
             "`await run_isolated(fn)`."
         )
         self.db_name = db_name

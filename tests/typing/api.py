@@ -56,3 +56,13 @@ async def main() -> None:
     await db.switch_url("sqlite+aiosqlite:///other.db")
     await db.dispose()
     del name, total, pair, s2, s3, failed, committed
+
+
+def asgi_usage() -> None:
+    from sqla_context.asgi import SessionMiddleware, dispose_at_shutdown
+
+    async def app(scope: object, receive: object, send: object) -> None: ...
+
+    wrapped = SessionMiddleware(app, commit_on=lambda status: status < 300, websocket="none")
+    lifespan = dispose_at_shutdown(db)
+    del wrapped, lifespan

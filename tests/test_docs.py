@@ -1,0 +1,285 @@
+"""The documentation's code runs, its output is what the page shows, and its links resolve.
+
+Rules for docs/*.md and README.md:
+
+- A fence tagged ``python`` is a complete program. It runs as a script in a fresh temporary
+  directory (so ``sqlite+aiosqlite:///app.db`` is a new file), with warnings turned into errors,
+  and must exit with status 0 without printing "Exception ignored" (what an unclosed
+  connection or a never-awaited coroutine prints at exit).
+- A fence tagged ``text`` that follows a ``python`` fence, with only blank lines between them,
+  is that program's exact standard output.
+- Fragments that cannot run alone are tagged ``py``; shell commands ``console``.
+- Every page has at least one runnable block, so that this test cannot pass vacuously.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import sqla_context
+from sqla_context import Database
+
+ROOT = Path(__file__).resolve().parents[1]
+PAGES = [*sorted((ROOT / "docs").glob("*.md")), ROOT / "README.md"]
+EXPECTED_PAGES = {"index", "tutorial", "concepts", "howto", "reference", "troubleshooting"}
+LANGUAGES = {"python", "py", "text", "console"}
+#: Upper bound for one program; they take about a second each.
+TIMEOUT = 60
+
+FENCE = re.compile(r"^(?P<indent> *)(?P<fence>`{3,}|~{3,})(?P<info>[^`]*)$")
+LINK = re.compile(r"(?<!!)\[[^\]]*\]\((?P<target>[^)\s]+)\)")
+HEADING = re.compile(r"^(?P<level>#{1,6}) +(?P<text>.+?) *#*$")
+
+
+@dataclass(frozen=True)
+class Fence:
+    language: str
+    start: int  # 0-based index of the opening line
+    end: int  # 0-based index of the closing line
+    text: str
+
+
+@dataclass(frozen=True)
+class Program:
+    page: Path
+    index: int  # position among the page's runnable blocks, from 1
+    line: int  # 1-based line of the opening fence
+    code: str
+    output: str | None
+
+    @property
+    def where(self) -> str:
+        return f"{self.page.relative_to(ROOT)}:{self.line}"
+
+
+def fences(page: Path) -> list[Fence]:
+    lines = page.read_text(encoding="utf-8").splitlines()
+    found: list[Fence] = []
+    i = 0
+    while i < len(lines):
+        match = FENCE.match(lines[i])
+        if match is None:
+            i += 1
+            continue
+        indent, fence = match["indent"], match["fence"]
+        for j in range(i + 1, len(lines)):
+            closing = lines[j].strip()
+            if closing.startswith(fence) and set(closing) == {fence[0]}:
+                break
+        else:
+            raise AssertionError(f"{page.relative_to(ROOT)}:{i + 1}: unclosed code fence")
+        body = [line.removeprefix(indent) for line in lines[i + 1 : j]]
+        language = (match["info"].split() or [""])[0]
+        found.append(Fence(language, i, j, "\n".join(body) + "\n"))
+        i = j + 1
+    return found
+
+
+def programs(page: Path) -> list[Program]:
+    lines = page.read_text(encoding="utf-8").splitlines()
+    blocks = fences(page)
+    found: list[Program] = []
+    for position, fence in enumerate(blocks):
+        if fence.language != "python":
+            continue
+        output = None
+        if position + 1 < len(blocks):
+            after = blocks[position + 1]
+            between = lines[fence.end + 1 : after.start]
+            if after.language == "text" and not any(line.strip() for line in between):
+                output = after.text
+        found.append(Program(page, len(found) + 1, fence.start + 1, fence.text, output))
+    return found
+
+
+ALL_PROGRAMS = [program for page in PAGES for program in programs(page)]
+
+
+def program_id(program: Program) -> str:
+    return f"{program.page.relative_to(ROOT).as_posix()}#{program.index}"
+
+
+# -- running the programs ------------------------------------------------------------------------
+
+# The sqla_context under test (a source tree on PYTHONPATH or the installed wheel) comes first,
+# and relative PYTHONPATH entries are made absolute: the programs run in another directory.
+_PYTHONPATH = os.pathsep.join(
+    [
+        str(Path(sqla_context.__file__).resolve().parents[1]),
+        *(str(Path(p).resolve()) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p),
+    ]
+)
+
+
+def run(program: Program, workdir: Path) -> subprocess.CompletedProcess[str]:
+    workdir.mkdir(parents=True)
+    script = workdir / f"{program.page.stem.lower()}_{program.index}.py"
+    script.write_text(program.code, encoding="utf-8")
+    return subprocess.run(
+        [sys.executable, "-W", "error", str(script)],
+        cwd=workdir,
+        env={**os.environ, "PYTHONPATH": _PYTHONPATH, "PYTHONDONTWRITEBYTECODE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=False,
+    )
+
+
+@pytest.fixture(scope="session")
+def started(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[Program, Future[subprocess.CompletedProcess[str]]]]:
+    """Start the selected programs in the background, as many at a time as there are CPUs.
+
+    Each spends most of its second importing SQLAlchemy; one after another, they would take
+    about half a minute.
+    """
+    selected = [
+        item.callspec.params["program"]
+        for item in request.session.items
+        if getattr(item, "originalname", None) == "test_program" and hasattr(item, "callspec")
+    ]
+    base = tmp_path_factory.mktemp("docs")
+    with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 1)) as pool:
+        futures: dict[Program, Future[subprocess.CompletedProcess[str]]] = {
+            program: pool.submit(run, program, base / f"{program.page.stem}-{program.index}")
+            for program in selected
+        }
+        yield futures
+
+
+@pytest.mark.parametrize("program", ALL_PROGRAMS, ids=program_id)
+def test_program(
+    program: Program, started: dict[Program, Future[subprocess.CompletedProcess[str]]]
+) -> None:
+    result = started[program].result()
+    report = f"--- stdout\n{result.stdout}--- stderr\n{result.stderr}"
+    assert result.returncode == 0, f"{program.where} exited with {result.returncode}\n{report}"
+    assert "Exception ignored" not in result.stderr, f"{program.where} leaked\n{report}"
+    if program.output is not None:
+        assert result.stdout.rstrip("\n") == program.output.rstrip("\n"), (
+            f"{program.where} printed other output than the page shows\n{report}"
+        )
+
+
+# -- the pages themselves ------------------------------------------------------------------------
+
+
+def test_every_page_exists() -> None:
+    missing = EXPECTED_PAGES - {page.stem for page in PAGES}
+    assert not missing, f"docs/ lacks {sorted(missing)}"
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda page: page.relative_to(ROOT).as_posix())
+def test_page_has_runnable_code(page: Path) -> None:
+    assert programs(page), f"{page.relative_to(ROOT)} has no ```python block"
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda page: page.relative_to(ROOT).as_posix())
+def test_every_fence_is_tagged(page: Path) -> None:
+    for fence in fences(page):
+        assert fence.language in LANGUAGES, (
+            f"{page.relative_to(ROOT)}:{fence.start + 1}: tag the fence with one of "
+            f"{sorted(LANGUAGES)}, not {fence.language!r}"
+        )
+
+
+def slugs(page: Path) -> set[str]:
+    """The anchors GitHub generates for the page's headings."""
+    lines = page.read_text(encoding="utf-8").splitlines()
+    inside = {n for f in fences(page) for n in range(f.start, f.end + 1)}
+    seen: dict[str, int] = {}
+    anchors: set[str] = set()
+    for number, line in enumerate(lines):
+        match = HEADING.match(line)
+        if match is None or number in inside:
+            continue
+        slug = re.sub(r"[^\w\- ]", "", match["text"].lower()).replace(" ", "-")
+        count = seen.get(slug, 0)
+        seen[slug] = count + 1
+        anchors.add(slug if count == 0 else f"{slug}-{count}")
+    return anchors
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda page: page.relative_to(ROOT).as_posix())
+def test_links_resolve(page: Path) -> None:
+    text = page.read_text(encoding="utf-8")
+    for fence in fences(page):  # code is not markdown
+        text = text.replace(fence.text, "")
+    for match in LINK.finditer(text):
+        target = match["target"]
+        if re.match(r"[a-z]+:", target):
+            continue
+        path, _, anchor = target.partition("#")
+        linked = (page.parent / path).resolve() if path else page
+        assert linked.exists(), f"{page.relative_to(ROOT)}: broken link {target!r}"
+        if anchor and linked.suffix == ".md":
+            assert anchor in slugs(linked), f"{page.relative_to(ROOT)}: no anchor for {target!r}"
+
+
+# -- the reference follows the code ----------------------------------------------------------------
+
+
+def reference_sections() -> dict[str, str]:
+    """Heading text -> text up to the next heading, for docs/reference.md."""
+    page = ROOT / "docs" / "reference.md"
+    inside = {n for f in fences(page) for n in range(f.start, f.end + 1)}
+    sections: dict[str, str] = {}
+    heading = ""
+    for number, line in enumerate(page.read_text(encoding="utf-8").splitlines()):
+        match = HEADING.match(line)
+        if match is not None and number not in inside:
+            heading = match["text"]
+            sections[heading] = ""
+        elif heading:
+            sections[heading] += line + "\n"
+    return sections
+
+
+def section(sections: dict[str, str], name: str) -> str:
+    for heading, body in sections.items():
+        if re.match(rf"`{re.escape(name)}[(`]", heading):
+            return body
+    raise AssertionError(f"docs/reference.md has no heading for `{name}`")
+
+
+def public_api() -> list[tuple[str, Any]]:
+    api = [(name, getattr(sqla_context, name)) for name in sqla_context.__all__]
+    api += [
+        (f"Database.{name}", getattr(Database, name))
+        for name in dir(Database)
+        if not name.startswith("_")
+    ]
+    return api
+
+
+def parameters(obj: Any) -> list[str]:
+    """The parameters a reader passes: constructors of Database and scope, and functions."""
+    if obj is Database or obj is sqla_context.scope:
+        target = obj.__init__
+    elif inspect.isfunction(obj):  # run_isolated and the methods of Database
+        target = obj
+    else:  # exceptions (raised, not built, by users), properties, attributes, __version__
+        return []
+    return [name for name in inspect.signature(target).parameters if name != "self"]
+
+
+@pytest.mark.parametrize(("name", "obj"), public_api(), ids=[name for name, _ in public_api()])
+def test_reference_documents_every_public_name(name: str, obj: Any) -> None:
+    body = section(reference_sections(), name)
+    for parameter in parameters(obj):
+        assert re.search(rf"\b{parameter}\b", body), (
+            f"docs/reference.md: the section on `{name}` does not mention {parameter!r}"
+        )
