@@ -9,8 +9,10 @@ failure. Override the server URLs with SQLA_CONTEXT_PG_URL / _PSYCOPG_URL / _MAR
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
 import os
+import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -175,19 +177,27 @@ class Backend:
     async def _open_transactions(self) -> int:
         if self.kind == "sqlite" or not _server_ids:
             return 0
-        ids = ", ".join(map(str, sorted(_server_ids)))
-        if self.kind == "postgresql":
-            sql = (
-                "SELECT count(*) FROM pg_stat_activity WHERE pid <> pg_backend_pid() "
-                f"AND state LIKE 'idle in transaction%' AND pid IN ({ids})"
-            )
-        else:
-            sql = (
-                "SELECT count(*) FROM information_schema.innodb_trx "
-                f"WHERE trx_mysql_thread_id <> connection_id() AND trx_mysql_thread_id IN ({ids})"
-            )
         async with self.witness.connect() as conn:
-            return int((await conn.execute(text(sql))).scalar_one())
+            if self.kind == "postgresql":
+                ids = ", ".join(map(str, sorted(_server_ids)))
+                sql = (
+                    "SELECT count(*) FROM pg_stat_activity WHERE pid <> pg_backend_pid() "
+                    f"AND state LIKE 'idle in transaction%' AND pid IN ({ids})"
+                )
+                return int((await conn.execute(text(sql))).scalar_one())
+            # MariaDB serves information_schema.innodb_trx from a cache refreshed at most
+            # every 100 ms, so it can show a finished transaction or miss a new one. The
+            # InnoDB status report lists the live transactions.
+            own = int((await conn.execute(text("SELECT connection_id()"))).scalar_one())
+            status = (await conn.execute(text("SHOW ENGINE INNODB STATUS"))).one()[2]
+        count = 0
+        for raw in status.split("\n---TRANSACTION ")[1:]:
+            entry = raw.split("\n--------", 1)[0]  # the last one runs into the next section
+            owner = re.search(r"thread id (\d+)", entry)
+            if "ACTIVE" in entry.partition("\n")[0] and owner:
+                thread = int(owner[1])
+                count += thread in _server_ids and thread != own
+        return count
 
     async def doom(self, session: AsyncSession) -> None:
         """Make the next COMMIT of ``session`` fail at the server, after a successful write.
@@ -266,6 +276,11 @@ async def _drop_databases(admin: AsyncEngine, keep_pid_alive: bool) -> None:
             if admin.dialect.name == "postgresql":
                 await conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
             else:
+                # MariaDB's DROP DATABASE waits for every open transaction on its tables.
+                users = "SELECT id FROM information_schema.processlist WHERE db = :n"
+                for (thread,) in (await conn.execute(text(users), {"n": name})).all():
+                    with contextlib.suppress(Exception):  # it may have gone meanwhile
+                        await conn.execute(text(f"KILL {int(thread)}"))
                 await conn.execute(text(f"DROP DATABASE IF EXISTS `{name}`"))
 
 
@@ -298,7 +313,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         for url in _server_urls:
             admin = create_async_engine(url)
             try:
-                await _drop_databases(admin, keep_pid_alive=False)
+                await asyncio.wait_for(_drop_databases(admin, keep_pid_alive=False), 60)
             except Exception as exc:  # a server that went away: nothing to clean
                 print(f"could not drop test databases on {url}: {exc}")
             finally:

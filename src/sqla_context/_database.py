@@ -172,7 +172,7 @@ class Database:
         """The current ``AsyncEngine``, created on first access (also after :meth:`dispose`)."""
         engine = self._engine
         if engine is None:
-            engine = self._create_engine()
+            engine, _ = self._create_engine()
         return engine
 
     @property
@@ -183,12 +183,12 @@ class Database:
         """
         maker = self._sessionmaker
         if maker is None:
-            self._create_engine()
-            maker = self._sessionmaker
-            assert maker is not None
+            _, maker = self._create_engine()
         return maker
 
-    def _create_engine(self) -> AsyncEngine:
+    def _create_engine(self) -> tuple[AsyncEngine, async_sessionmaker[AsyncSession]]:
+        # Returns the pair it made or found under the lock: re-reading the attributes after
+        # the lock is released could see a concurrent dispose() clear them.
         with self._lock:  # threads too: an app and its TestClient may race here
             if self._engine is None:
                 if self._url is not None:
@@ -205,7 +205,8 @@ class Database:
                         )
                 self._sessionmaker = async_sessionmaker(engine, **self.session_options)
                 self._engine = engine
-            return self._engine
+            assert self._sessionmaker is not None
+            return self._engine, self._sessionmaker
 
     async def switch_url(self, url: str | URL) -> None:
         """Point new sessions at ``url`` (primary failover, replica rotation).

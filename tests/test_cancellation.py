@@ -1,0 +1,311 @@
+"""Cancellation, timeouts and interrupts: a scope always ends cleanly and leaks nothing.
+
+Every test asserts on the database itself: the committed rows (read through the witness
+engine), the pool's checked-out connections and the transactions left open on the server.
+No test synchronises by sleeping: tasks signal events, and every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from sqla_context import Database, NoScopeError, scope
+
+from .conftest import Backend, insert
+
+#: Upper bound of every wait; never reached when a test passes.
+TIMEOUT = 30.0
+
+
+async def forever() -> None:
+    """Wait on an event nobody sets: the task is parked until it is cancelled."""
+    await asyncio.Event().wait()
+
+
+async def yield_to_loop(times: int = 5) -> None:
+    """Let the other ready tasks run a few steps (a yield, not a timed wait)."""
+    for _ in range(times):
+        await asyncio.sleep(0)
+
+
+async def assert_clean(backend: Backend, db: Database, rows: list[str]) -> None:
+    """Exactly ``rows`` are committed, no connection is checked out, no transaction is open."""
+    assert await backend.names() == rows
+    assert db.engine.pool.checkedout() == 0
+    assert await backend.open_transactions() == 0
+
+
+# -- many scopes cancelled at once -------------------------------------------------------------
+
+
+async def test_200_scopes_cancelled_mid_transaction_and_in_the_pool_queue(
+    backend: Backend,
+) -> None:
+    pool_size, max_overflow, count = 10, 10, 200
+    capacity = pool_size + max_overflow
+    db = backend.database(engine_options={"pool_size": pool_size, "max_overflow": max_overflow})
+    # SQLite allows a single writer: a second INSERT would block on the file's write lock
+    # (and fail with "database is locked" after the busy timeout) instead of sitting in an
+    # open transaction. So on SQLite one task inserts and the others run a SELECT, keeping
+    # their session's transaction and connection open; on a server every task inserts a
+    # row of its own.
+    writers = 1 if backend.kind == "sqlite" else count
+    in_transaction = 0
+    pool_full = asyncio.Event()
+
+    async def worker(index: int) -> None:
+        nonlocal in_transaction
+        async with scope():
+            session = await db.session()
+            if index < writers:
+                await insert(session, f"row-{index:03d}")
+            else:
+                await session.execute(text("SELECT count(*) FROM items"))
+            in_transaction += 1
+            if in_transaction == capacity:
+                pool_full.set()
+            await forever()
+
+    tasks = [asyncio.create_task(worker(i)) for i in range(count)]
+    try:
+        await asyncio.wait_for(pool_full.wait(), TIMEOUT)
+        # Every pooled connection is held by a task parked in its open transaction; the
+        # other 180 tasks are waiting for a checkout.
+        assert db.engine.pool.checkedout() == capacity
+        expected_open = 0 if backend.kind == "sqlite" else capacity
+        assert await backend.open_transactions() == expected_open
+    finally:
+        for task in tasks:
+            task.cancel()
+        results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), TIMEOUT)
+
+    not_cancelled = [r for r in results if not isinstance(r, asyncio.CancelledError)]
+    assert not_cancelled == []
+    assert all(task.cancelled() for task in tasks)
+    assert in_transaction == capacity, "no task waiting in the pool queue got a connection"
+    # Every task re-raised its cancellation only after its rollback and close: nothing is
+    # committed, checked out or left open on the server.
+    await assert_clean(backend, db, [])
+
+
+# -- timeouts and interrupts -------------------------------------------------------------------
+
+
+async def test_wait_for_timeout_rolls_back_and_raises_timeout_error(backend: Backend) -> None:
+    db = backend.database()
+    in_transaction = asyncio.Event()
+    sessions: list[AsyncSession] = []
+
+    async def body() -> None:
+        async with scope():
+            session = await db.session()
+            sessions.append(session)
+            await insert(session, "timed-out")
+            in_transaction.set()
+            await forever()
+
+    task = asyncio.create_task(body())
+    await asyncio.wait_for(in_transaction.wait(), TIMEOUT)
+    # The body is parked mid-transaction with a row written, so the timeout surely expires.
+    with pytest.raises(asyncio.TimeoutError):
+        await asyncio.wait_for(task, 0.05)
+    assert task.cancelled()
+    # wait_for returns only after the cancelled task has finished: the scope has already
+    # rolled back and returned its connection by now, without any further wait.
+    assert db.engine.pool.checkedout() == 0
+    assert not sessions[0].in_transaction()
+    await assert_clean(backend, db, [])
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="asyncio.timeout() is new in Python 3.11")
+async def test_asyncio_timeout_in_scope_body_rolls_back_and_becomes_timeout_error(
+    backend: Backend,
+) -> None:
+    db = backend.database()
+    seen: list[str] = []
+
+    async def body() -> None:
+        async with asyncio.timeout(None) as deadline:
+            async with scope():
+                session = await db.session()
+                await insert(session, "timed-out")
+                deadline.reschedule(asyncio.get_running_loop().time())  # expire right now
+                try:
+                    await forever()
+                except asyncio.CancelledError:
+                    seen.append("cancelled")
+                    raise
+        seen.append("not reached")
+
+    # asyncio.timeout() turns the cancellation into TimeoutError only if it comes out of
+    # the scope unchanged: swallowed or replaced, this would fail.
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(body(), TIMEOUT)
+    assert seen == ["cancelled"]
+    await assert_clean(backend, db, [])
+
+
+async def test_keyboard_interrupt_in_scope_body_rolls_back_closes_and_propagates(
+    backend: Backend,
+) -> None:
+    db = backend.database()
+    sessions: list[AsyncSession] = []
+
+    async def body() -> None:
+        async with scope():
+            session = await db.session()
+            sessions.append(session)
+            await insert(session, "interrupted")
+            assert db.engine.pool.checkedout() == 1
+            raise KeyboardInterrupt
+
+    # Awaited directly, not through wait_for(): in a task of its own, KeyboardInterrupt would
+    # escape through the event loop instead of coming back here.
+    with pytest.raises(KeyboardInterrupt):
+        await body()
+    assert not sessions[0].in_transaction()
+    with pytest.raises(NoScopeError):  # the scope ended and its context was reset
+        await db.session()
+    await assert_clean(backend, db, [])
+
+
+# -- cancellation while the scope is ending ----------------------------------------------------
+
+
+async def test_cancel_while_committing_reraises_after_the_shielded_commit(
+    backend: Backend,
+) -> None:
+    """Cancelling the scope's task during its before_commit hook does not reach the hook.
+
+    settle() runs the commit and close in a task of its own behind asyncio.shield(): the
+    cancellation stops only the scope's wait, which then keeps waiting for that task. So
+    the hook finishes, the COMMIT happens, the connection is returned, and only then does
+    the task end with CancelledError. The row IS committed, deterministically.
+    """
+    db = backend.database()
+    committing = asyncio.Event()
+    release = asyncio.Event()
+    after_commit: list[AsyncSession] = []
+
+    async def slow_before_commit(session: AsyncSession) -> None:
+        committing.set()
+        await release.wait()
+
+    async def body() -> None:
+        async with scope(before_commit=slow_before_commit, after_commit=after_commit.append):
+            await insert(await db.session(), "committed-anyway")
+
+    task = asyncio.create_task(body())
+    await asyncio.wait_for(committing.wait(), TIMEOUT)
+    task.cancel()
+    await yield_to_loop()
+    assert not task.done(), "the cancelled scope must wait for its commit and close"
+    assert db.engine.pool.checkedout() == 1
+    release.set()
+    (result,) = await asyncio.wait_for(asyncio.gather(task, return_exceptions=True), TIMEOUT)
+    assert isinstance(result, asyncio.CancelledError)
+    # Back in the pool before the task finished: no wait between its end and this check.
+    assert db.engine.pool.checkedout() == 0
+    assert len(after_commit) == 1
+    await assert_clean(backend, db, ["committed-anyway"])
+
+
+async def test_before_commit_hook_cancelled_aborts_the_commit(backend: Backend) -> None:
+    """A before_commit hook that ends in CancelledError stops the COMMIT.
+
+    The CancelledError is not an Exception, so it is not wrapped in CommitError: it comes
+    out of ``async with scope()`` as is, and the task (which nobody cancelled) ends
+    cancelled. The session is still rolled back and closed.
+    """
+    db = backend.database()
+    hook_waiting = asyncio.Event()
+    blocker: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    async def before_commit(session: AsyncSession) -> None:
+        hook_waiting.set()
+        await blocker
+
+    async def body() -> None:
+        async with scope(before_commit=before_commit):
+            await insert(await db.session(), "never-committed")
+
+    task = asyncio.create_task(body())
+    await asyncio.wait_for(hook_waiting.wait(), TIMEOUT)
+    blocker.cancel()  # the hook now raises CancelledError in the middle of the scope's commit
+    (result,) = await asyncio.wait_for(asyncio.gather(task, return_exceptions=True), TIMEOUT)
+    assert isinstance(result, asyncio.CancelledError)
+    assert task.cancelled()
+    await assert_clean(backend, db, [])
+
+
+async def test_repeated_cancellation_during_a_slow_commit(backend: Backend) -> None:
+    db = backend.database()
+    in_body = asyncio.Event()
+    cleaning_up = asyncio.Event()
+    release = asyncio.Event()
+
+    async def slow_before_commit(session: AsyncSession) -> None:
+        cleaning_up.set()
+        await release.wait()
+
+    async def body() -> None:
+        # commit="always": the scope commits even though its body is cancelled, so its
+        # cleanup runs the (slow) hook and can be cancelled again while it does.
+        async with scope(commit="always", before_commit=slow_before_commit):
+            await insert(await db.session(), "written-before-cancel")
+            in_body.set()
+            await forever()
+
+    task = asyncio.create_task(body())
+    await asyncio.wait_for(in_body.wait(), TIMEOUT)
+    task.cancel()
+    await asyncio.wait_for(cleaning_up.wait(), TIMEOUT)
+    for _ in range(5):
+        task.cancel()
+        await yield_to_loop()
+        assert not task.done(), "a further cancellation must not cut the cleanup short"
+        assert db.engine.pool.checkedout() == 1
+    release.set()
+    (result,) = await asyncio.wait_for(asyncio.gather(task, return_exceptions=True), TIMEOUT)
+    assert isinstance(result, asyncio.CancelledError)
+    assert db.engine.pool.checkedout() == 0
+    await assert_clean(backend, db, ["written-before-cancel"])
+
+
+async def test_cancellation_storm_during_rollback(backend: Backend) -> None:
+    db = backend.database()
+    in_body = asyncio.Event()
+    sessions: list[AsyncSession] = []
+
+    async def body() -> None:
+        async with scope():
+            session = await db.session()
+            sessions.append(session)
+            await insert(session, "rolled-back")
+            in_body.set()
+            await forever()
+
+    async def storm() -> int:
+        cancels = 0
+        while not task.done():  # cancel again at every step of the task's rollback and close
+            task.cancel()
+            cancels += 1
+            await asyncio.sleep(0)
+        return cancels
+
+    task = asyncio.create_task(body())
+    await asyncio.wait_for(in_body.wait(), TIMEOUT)
+    cancels = await asyncio.wait_for(storm(), TIMEOUT)
+    # The first cancellation ends the body; the rollback needs I/O, so at least one more
+    # lands while the scope is ending.
+    assert cancels >= 2
+    (result,) = await asyncio.wait_for(asyncio.gather(task, return_exceptions=True), TIMEOUT)
+    assert isinstance(result, asyncio.CancelledError)
+    assert db.engine.pool.checkedout() == 0
+    assert not sessions[0].in_transaction()
+    await assert_clean(backend, db, [])
