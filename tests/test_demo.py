@@ -68,3 +68,26 @@ async def test_demo_shop(backend: Backend, monkeypatch: pytest.MonkeyPatch) -> N
             assert orders.all() == [("paid+audited", 400)], "the refund was rolled back"
         assert demo.db.engine.pool.checkedout() == 0
     assert demo.db._engine is None, "the lifespan disposed the engines"
+
+
+async def test_starlette_example(backend: Backend, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DATABASE_URL", backend.url)
+    path = DEMO.with_name("starlette_app.py")
+    spec = importlib.util.spec_from_file_location("starlette_example", path)
+    assert spec is not None
+    assert spec.loader is not None
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    backend.databases.append(example.db)
+    async with backend.witness.begin() as conn:
+        await conn.execute(text("DROP TABLE IF EXISTS starlette_notes"))
+
+    transport = httpx.ASGITransport(app=example.app)
+    async with example.app.router.lifespan_context(example.app):
+        async with httpx.AsyncClient(transport=transport, base_url="http://ex") as c:
+            assert (await c.post("/notes/hello")).status_code == 201
+            assert (await c.post("/notes/%20")).status_code == 422
+            assert (await c.get("/notes")).json() == ["hello"]
+        async with backend.witness.connect() as conn:
+            rows = await conn.execute(text("SELECT text FROM starlette_notes"))
+            assert rows.scalars().all() == ["hello"]
