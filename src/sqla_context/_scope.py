@@ -65,22 +65,21 @@ class _Unit:
         self.closed = False
 
 
-async def call_hook(hook: SessionHook | None, session: AsyncSession) -> None:
-    if hook is not None:
-        result = hook(session)
-        if inspect.isawaitable(result):
-            await result
+async def call_hooks(session: AsyncSession, *hooks: SessionHook | None) -> None:
+    """Call each hook that is set with ``session``, awaiting those that return awaitables."""
+    for hook in hooks:
+        if hook is not None:
+            result = hook(session)
+            if inspect.isawaitable(result):
+                await result
 
 
 async def commit_session(db: Database, unit: _Unit | None, session: AsyncSession) -> None:
     """Commit with the Database's and the scope's hooks around it (errors propagate as-is)."""
-    await call_hook(db.before_commit, session)
-    if unit is not None:
-        await call_hook(unit.before_commit, session)
+    scope_before, scope_after = (unit.before_commit, unit.after_commit) if unit else (None, None)
+    await call_hooks(session, db.before_commit, scope_before)
     await session.commit()
-    await call_hook(db.after_commit, session)
-    if unit is not None:
-        await call_hook(unit.after_commit, session)
+    await call_hooks(session, db.after_commit, scope_after)
 
 
 async def _finish(
@@ -96,20 +95,19 @@ async def _finish(
                 if not session.in_transaction():
                     continue
                 try:
-                    await call_hook(db.before_commit, session)
-                    await call_hook(unit.before_commit, session)
+                    await call_hooks(session, db.before_commit, unit.before_commit)
                     await session.commit()
                 except Exception as exc:
                     rest = [d.name for d, s in sessions[index + 1 :] if s.in_transaction()]
-                    rolled_back = [db.name, *rest]
-                    commit_failure = CommitError(db.name, committed, rolled_back, exc)
+                    commit_failure = CommitError(db.name, committed, [db.name, *rest], exc)
                     commit_failure.__cause__ = exc
                     _log.error("%s", commit_failure)
                     break
                 committed.append(db.name)
                 try:
-                    await call_hook(db.after_commit, session)
-                    await call_hook(unit.after_commit, session)
+                    # Unlike commit_session(), a failing after_commit hook must not stop the
+                    # other databases from committing: it is reported once all are done.
+                    await call_hooks(session, db.after_commit, unit.after_commit)
                 except Exception as exc:
                     _log.error("after_commit hook failed for database %r", db.name, exc_info=True)
                     hook_failure = hook_failure or exc
@@ -124,7 +122,7 @@ async def _finish(
             finally:
                 await db._release(session)
     if commit_failure is not None:
-        raise commit_failure from commit_failure.__cause__
+        raise commit_failure
     if hook_failure is not None:
         raise hook_failure
 
