@@ -212,7 +212,9 @@ def main() -> None:
 
     port = int(os.environ.get("PORT", "8000"))
     base = f"http://127.0.0.1:{port}"
-    print(f"sqla-context demo shop on {base}  (database: {db!r})")
+    assert db.url is not None
+    print(f"sqla-context demo shop on {base}")
+    print(f"database: {db.url.render_as_string(hide_password=True)}")
     json = "-H 'content-type: application/json'"
     print("try:")
     print(f"  curl -s {base}/users")
