@@ -32,7 +32,16 @@ from sqla_context import Database
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [*sorted((ROOT / "docs").glob("*.md")), ROOT / "README.md"]
-EXPECTED_PAGES = {"index", "tutorial", "concepts", "howto", "reference", "troubleshooting", "web"}
+EXPECTED_PAGES = {
+    "index",
+    "tutorial",
+    "concepts",
+    "howto",
+    "reference",
+    "troubleshooting",
+    "web",
+    "testing",
+}
 LANGUAGES = {"python", "py", "text", "console"}
 #: Upper bound for one program; they take about a second each.
 TIMEOUT = 60

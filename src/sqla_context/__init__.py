@@ -8,11 +8,13 @@ from ._transaction import TransactionBlock
 from .exceptions import (
     CommitError,
     ConfigurationError,
+    LeakError,
     NestedScopeError,
     NoScopeError,
     ScopeClosedError,
     SqlaContextError,
     TransactionAlreadyOpenError,
+    UnsafeDatabaseError,
 )
 
 try:
@@ -24,12 +26,14 @@ __all__ = [
     "CommitError",
     "ConfigurationError",
     "Database",
+    "LeakError",
     "NestedScopeError",
     "NoScopeError",
     "ScopeClosedError",
     "SqlaContextError",
     "TransactionAlreadyOpenError",
     "TransactionBlock",
+    "UnsafeDatabaseError",
     "__version__",
     "run_isolated",
     "scope",

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import threading
 from collections.abc import AsyncIterator, Mapping
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import URL, Connection, event, make_url
 from sqlalchemy.ext.asyncio import (
@@ -86,6 +86,7 @@ class Database:
 
     __slots__ = (
         "__weakref__",
+        "_bound_maker",
         "_engine",
         "_factory",
         "_lock",
@@ -137,6 +138,8 @@ class Database:
         self._sqlite_begin = sqlite_begin
         self._engine: AsyncEngine | None = None
         self._sessionmaker: async_sessionmaker[AsyncSession] | None = None
+        # Set by sqla_context.testing: sessions bound to a test's outer transaction.
+        self._bound_maker: async_sessionmaker[AsyncSession] | None = None
         # Open sessions per engine, so that an engine replaced by switch_url() is disposed
         # only once its last session has closed.
         self._users: dict[AsyncEngine, int] = {}
@@ -181,7 +184,7 @@ class Database:
 
         Sessions made from it are yours to close; they are not part of any scope.
         """
-        maker = self._sessionmaker
+        maker = self._bound_maker or self._sessionmaker
         if maker is None:
             _, maker = self._create_engine()
         return maker
@@ -257,13 +260,16 @@ class Database:
 
     def _open_session(self) -> AsyncSession:
         session = self.sessionmaker()
-        engine = cast(AsyncEngine, session.bind)
-        with self._lock:
-            self._users[engine] = self._users.get(engine, 0) + 1
+        engine = session.bind
+        if isinstance(engine, AsyncEngine):  # not a test's connection (sqla_context.testing)
+            with self._lock:
+                self._users[engine] = self._users.get(engine, 0) + 1
         return session
 
     async def _release(self, session: AsyncSession) -> None:
-        engine = cast(AsyncEngine, session.bind)
+        engine = session.bind
+        if not isinstance(engine, AsyncEngine):
+            return
         with self._lock:
             count = self._users.get(engine, 0) - 1
             if count > 0:

@@ -10,7 +10,9 @@ builtin a caller may already catch::
     ├── NestedScopeError (RuntimeError)       scope() inside an active scope, without nested=
     ├── TransactionAlreadyOpenError (RuntimeError)
     │                                         db.transaction(existing="raise") with one open
-    └── CommitError                           a scope's commit failed; names what was committed
+    ├── CommitError                           a scope's commit failed; names what was committed
+    ├── UnsafeDatabaseError (RuntimeError)    sqla_context.testing refused a non-test database
+    └── LeakError (AssertionError)            a test left a connection checked out
 
 Errors raised by SQLAlchemy or the driver (``IntegrityError``, ``OperationalError``, ...)
 pass through unchanged, except at scope exit, where a failed commit is wrapped in
@@ -24,11 +26,13 @@ from collections.abc import Sequence
 __all__ = [
     "CommitError",
     "ConfigurationError",
+    "LeakError",
     "NestedScopeError",
     "NoScopeError",
     "ScopeClosedError",
     "SqlaContextError",
     "TransactionAlreadyOpenError",
+    "UnsafeDatabaseError",
 ]
 
 
@@ -131,3 +135,21 @@ class CommitError(SqlaContextError):
             f"Committed before the failure: {self.committed or 'none'}; "
             f"rolled back: {self.rolled_back}."
         )
+
+
+class UnsafeDatabaseError(SqlaContextError, RuntimeError):
+    """:mod:`sqla_context.testing` refused a server database that does not look like a test one.
+
+    Rollback mode never keeps data, but commit mode empties tables: both refuse a database
+    whose name fails the ``is_test_database`` rule (default: the name contains ``"test"``),
+    so that a test run pointed at production by mistake stops before it writes.
+    """
+
+
+class LeakError(SqlaContextError, AssertionError):
+    """A test ended with a connection of a :class:`~sqla_context.Database` still checked out.
+
+    Raised by :mod:`sqla_context.testing` when the isolation ends; the message names the
+    database. Usually a session made from ``db.sessionmaker()`` or a connection from
+    ``db.engine.connect()`` that the test or the app never closed.
+    """

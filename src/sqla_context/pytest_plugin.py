@@ -1,0 +1,71 @@
+"""pytest fixtures for apps that use sqla_context. Opt in from your ``conftest.py``::
+
+    pytest_plugins = ["sqla_context.pytest_plugin"]
+
+
+    @pytest.fixture
+    def sqla_databases():
+        return [db, replica]  # every Database the app uses
+
+Then request ``sqla_isolation`` in a test (or make it autouse in your conftest): the test's
+database work is rolled back when it ends (see :func:`sqla_context.testing.isolated`). Mark
+a test ``@pytest.mark.sqla_commit`` to have its work really committed and the written
+tables emptied afterwards.
+
+The plugin is not registered as a ``pytest11`` entry point, so installing sqla-context does
+not change the test runs of projects that do not ask for it. Its async fixture needs
+pytest-asyncio.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+
+import pytest
+
+from ._database import Database
+from .testing import IsolationMode, isolated
+
+try:
+    import pytest_asyncio
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "sqla_context.pytest_plugin needs pytest-asyncio: pip install pytest-asyncio"
+    ) from exc
+
+__all__ = ["sqla_databases", "sqla_isolation"]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "sqla_commit: commit the test's database work for real and empty the written tables "
+        "afterwards (sqla_context.testing commit mode)",
+    )
+
+
+@pytest.fixture
+def sqla_databases() -> Sequence[Database]:
+    """The Databases to isolate. Override this fixture in your conftest.py."""
+    raise pytest.UsageError(
+        "sqla_context.pytest_plugin: define a `sqla_databases` fixture in your conftest.py "
+        "that returns the Database objects your app uses, e.g. `return [db]`."
+    )
+
+
+@pytest_asyncio.fixture
+async def sqla_isolation(
+    request: pytest.FixtureRequest, sqla_databases: Sequence[Database]
+) -> AsyncIterator[IsolationMode]:
+    """Isolate the test's work on ``sqla_databases``; yields the mode in use.
+
+    The engines are disposed when the test ends: pytest-asyncio gives each test its own
+    event loop by default, and a pooled connection cannot move to another loop.
+    """
+    mode: IsolationMode = "commit" if request.node.get_closest_marker("sqla_commit") else "rollback"
+    try:
+        async with isolated(*sqla_databases, mode=mode):
+            yield mode
+    finally:
+        for db in sqla_databases:
+            await db.dispose()

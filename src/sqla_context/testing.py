@@ -1,0 +1,179 @@
+"""Test helpers that keep each test's database work apart; importable without pytest.
+
+``isolated(*databases)`` is the building block of the pytest plugin
+(:mod:`sqla_context.pytest_plugin`)::
+
+    async with testing.isolated(db, replica):
+        ...  # run the app: requests, jobs, direct calls
+    # everything written in the block is gone
+
+Rollback mode (default)
+    Each database gets one connection with an outer transaction for the whole block, and
+    every session the app opens through the Database (scope sessions, ``new_session()``,
+    ``db.sessionmaker()``) is bound to it with SQLAlchemy's
+    ``join_transaction_mode="create_savepoint"``: the app's commits release savepoints,
+    its rollbacks roll back to them, so it behaves as in production, and data committed by
+    one request is visible to the next and to the test. At the end the outer transaction is
+    rolled back. The sessions share that one connection, so code that runs queries of one
+    database concurrently (``run_isolated`` under ``gather``) needs commit mode.
+
+Commit mode
+    The app really commits; when the block ends, the tables it wrote to (seen through the
+    engine's events) are emptied: ``TRUNCATE ... RESTART IDENTITY CASCADE`` on PostgreSQL,
+    ``TRUNCATE`` with foreign-key checks off on MySQL/MariaDB, ``DELETE`` on SQLite.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any, Literal
+
+from sqlalchemy import Connection, event
+from sqlalchemy.ext.asyncio import AsyncConnection, async_sessionmaker
+
+from ._scope import check_choice
+from .exceptions import LeakError, UnsafeDatabaseError
+
+if TYPE_CHECKING:
+    from ._database import Database
+
+__all__ = ["IsolationMode", "isolated", "looks_like_test_database"]
+
+IsolationMode = Literal["rollback", "commit"]
+
+_WRITE = re.compile(
+    r"^\s*(?:insert\s+(?:ignore\s+)?into|update|delete\s+from|replace\s+into)\s+"
+    r"[`\"\[]?(?:\w+[`\"\]]?\.[`\"\[]?)?(\w+)",
+    re.IGNORECASE,
+)
+
+
+def looks_like_test_database(name: str) -> bool:
+    """The default rule: a server database is a test one if its name contains ``"test"``."""
+    return "test" in name.lower()
+
+
+def _check_safe(db: Database, rule: Callable[[str], bool]) -> None:
+    url = db.engine.url
+    if url.get_backend_name() == "sqlite":
+        return  # a file (or memory) of the test's own
+    if not rule(url.database or ""):
+        raise UnsafeDatabaseError(
+            f"{db!r}: database {url.database!r} does not look like a test database, so "
+            "sqla_context.testing refuses to touch it. Point the tests at a database whose "
+            "name contains 'test', or pass is_test_database= to change the rule."
+        )
+
+
+@contextlib.asynccontextmanager
+async def isolated(
+    *databases: Database,
+    mode: IsolationMode = "rollback",
+    is_test_database: Callable[[str], bool] = looks_like_test_database,
+) -> AsyncIterator[None]:
+    """Keep the block's database work from outliving it, for each of ``databases``.
+
+    See the module docstring for the two modes. Works however the app is driven inside
+    the block, as long as it runs in this event loop (direct calls, ``httpx.ASGITransport``).
+
+    Raises:
+        ConfigurationError: ``mode`` is not ``"rollback"`` or ``"commit"``.
+        UnsafeDatabaseError: a server database's name fails ``is_test_database``.
+        LeakError: at exit, a connection of one of the databases is still checked out.
+    """
+    check_choice("mode", mode, IsolationMode)
+    for db in databases:
+        _check_safe(db, is_test_database)
+    async with contextlib.AsyncExitStack() as stack:
+        for db in databases:
+            if mode == "rollback":
+                await stack.enter_async_context(_rolled_back(db))
+            else:
+                await stack.enter_async_context(_truncated_after(db))
+        yield
+
+
+def _check_no_leak(db: Database, allowed: int) -> None:
+    checked_out = db.engine.pool.checkedout()  # type: ignore[attr-defined]
+    if checked_out > allowed:
+        raise LeakError(
+            f"{db!r}: {checked_out - allowed} connection(s) still checked out when the test "
+            "ended. A session from db.sessionmaker() or a connection from db.engine.connect() "
+            "was not closed."
+        )
+
+
+@contextlib.asynccontextmanager
+async def _rolled_back(db: Database) -> AsyncIterator[None]:
+    if db._bound_maker is not None:
+        raise RuntimeError(f"{db!r} is already isolated by an enclosing isolated() block")
+    conn = await db.engine.connect()
+    sqlite = conn.dialect.name == "sqlite"
+    try:
+        await conn.begin()
+        if sqlite:
+            # The sqlite3 driver begins transactions only before writes, so a SAVEPOINT
+            # would start (and its RELEASE commit) a transaction of its own: take control.
+            await conn.run_sync(_sqlite_isolation_level, None)
+            await conn.exec_driver_sql("BEGIN")
+        db._bound_maker = async_sessionmaker(
+            bind=conn, join_transaction_mode="create_savepoint", **db.session_options
+        )
+        try:
+            yield
+        finally:
+            db._bound_maker = None
+        _check_no_leak(db, allowed=1)
+    finally:
+        try:
+            await conn.rollback()
+            if sqlite:
+                await conn.run_sync(_sqlite_isolation_level, "")  # the driver's default
+        finally:
+            await conn.close()
+
+
+def _sqlite_isolation_level(conn: Connection, level: str | None) -> None:
+    conn.connection.dbapi_connection.isolation_level = level  # type: ignore[union-attr]
+
+
+@contextlib.asynccontextmanager
+async def _truncated_after(db: Database) -> AsyncIterator[None]:
+    written: set[str] = set()
+
+    def record(conn: Any, cursor: Any, statement: str, *_: Any) -> None:
+        match = _WRITE.match(statement)
+        if match:
+            written.add(match[1])
+
+    engine = db.engine.sync_engine
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        yield
+        _check_no_leak(db, allowed=0)
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+        if written:
+            async with db.engine.connect() as conn:
+                await _empty(conn, sorted(written))
+
+
+async def _empty(conn: AsyncConnection, tables: list[str]) -> None:
+    preparer = conn.dialect.identifier_preparer
+    quoted = [preparer.quote(t) for t in tables]
+    name = conn.dialect.name
+    if name == "postgresql":
+        await conn.exec_driver_sql(f"TRUNCATE {', '.join(quoted)} RESTART IDENTITY CASCADE")
+    elif name in ("mysql", "mariadb"):
+        await conn.exec_driver_sql("SET FOREIGN_KEY_CHECKS = 0")
+        try:
+            for table in quoted:
+                await conn.exec_driver_sql(f"TRUNCATE TABLE {table}")
+        finally:
+            await conn.exec_driver_sql("SET FOREIGN_KEY_CHECKS = 1")
+    else:
+        for table in quoted:
+            await conn.exec_driver_sql(f"DELETE FROM {table}")
+    await conn.commit()
