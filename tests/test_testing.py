@@ -6,6 +6,7 @@ import httpx
 import pytest
 from fastapi import FastAPI
 from sqlalchemy import text
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from sqla_context import (
     ConfigurationError,
@@ -199,3 +200,73 @@ async def test_nested_isolation_is_refused(sqlite: Backend) -> None:
         with pytest.raises(RuntimeError, match="already isolated"):
             async with isolated(db):
                 pass
+
+
+async def test_testclient_in_its_own_event_loop(backend: Backend) -> None:
+    import asyncio
+
+    from starlette.testclient import TestClient
+
+    from sqla_context.testing import isolated_in
+
+    db = backend.database()
+    app = FastAPI()
+    app.add_middleware(SessionMiddleware)
+
+    @app.post("/items/{name}", status_code=201)
+    async def create(name: str) -> None:
+        await insert(await db.session(), name)
+
+    @app.post("/items/{name}/reject", status_code=409)
+    async def reject(name: str) -> None:
+        await insert(await db.session(), name)
+
+    @app.get("/items")
+    async def read() -> list[str]:
+        rows = await (await db.session()).execute(text("SELECT name FROM items ORDER BY name"))
+        return list(rows.scalars())
+
+    def drive() -> list[str]:
+        with TestClient(app) as client, isolated_in(client.portal, db):
+            assert client.post("/items/a").status_code == 201
+            assert client.post("/items/b/reject").status_code == 409
+            assert client.post("/items/c").status_code == 201
+            listed: list[str] = client.get("/items").json()
+            return listed
+
+    assert await asyncio.to_thread(drive) == ["a", "c"], "one request sees the previous ones"
+    assert await backend.names() == [], "and all of it was rolled back"
+
+
+async def test_testclient_commit_mode(backend: Backend) -> None:
+    import asyncio
+
+    from starlette.testclient import TestClient
+
+    from sqla_context.testing import isolated_in
+
+    db = backend.database()
+    app = FastAPI()
+    app.add_middleware(SessionMiddleware)
+    seen: list[list[str]] = []
+
+    @app.post("/items/{name}", status_code=201)
+    async def create(name: str) -> None:
+        await insert(await db.session(), name)
+
+    async def committed() -> list[str]:  # a witness of the portal's own event loop
+        engine = create_async_engine(backend.url)
+        try:
+            async with engine.connect() as conn:
+                return list((await conn.execute(text("SELECT name FROM items"))).scalars())
+        finally:
+            await engine.dispose()
+
+    def drive() -> None:
+        with TestClient(app) as client, isolated_in(client.portal, db, mode="commit"):
+            assert client.post("/items/real").status_code == 201
+            seen.append(client.portal.call(committed))
+
+    await asyncio.to_thread(drive)
+    assert seen == [["real"]], "really committed during the test"
+    assert await backend.names() == [], "emptied afterwards"

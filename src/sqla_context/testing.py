@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import AsyncIterator, Callable
-from typing import TYPE_CHECKING, Any, Literal
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from sqlalchemy import Connection, event
 from sqlalchemy.ext.asyncio import AsyncConnection, async_sessionmaker
@@ -39,7 +39,7 @@ from .exceptions import LeakError, UnsafeDatabaseError
 if TYPE_CHECKING:
     from ._database import Database
 
-__all__ = ["IsolationMode", "isolated", "looks_like_test_database"]
+__all__ = ["IsolationMode", "isolated", "isolated_in", "looks_like_test_database"]
 
 IsolationMode = Literal["rollback", "commit"]
 
@@ -76,7 +76,8 @@ async def isolated(
     """Keep the block's database work from outliving it, for each of ``databases``.
 
     See the module docstring for the two modes. Works however the app is driven inside
-    the block, as long as it runs in this event loop (direct calls, ``httpx.ASGITransport``).
+    the block, as long as it runs in this event loop (direct calls, ``httpx.ASGITransport``);
+    for an app running in another loop (``TestClient``), use :func:`isolated_in`.
 
     Raises:
         ConfigurationError: ``mode`` is not ``"rollback"`` or ``"commit"``.
@@ -92,6 +93,50 @@ async def isolated(
                 await stack.enter_async_context(_rolled_back(db))
             else:
                 await stack.enter_async_context(_truncated_after(db))
+        yield
+
+
+class _Portal(Protocol):
+    """What :func:`isolated_in` needs of an anyio ``BlockingPortal``."""
+
+    def wrap_async_context_manager(
+        self, cm: contextlib.AbstractAsyncContextManager[None]
+    ) -> contextlib.AbstractContextManager[None]: ...
+
+
+@contextlib.contextmanager
+def isolated_in(
+    portal: _Portal,
+    *databases: Database,
+    mode: IsolationMode = "rollback",
+    is_test_database: Callable[[str], bool] = looks_like_test_database,
+) -> Iterator[None]:
+    """:func:`isolated`, run inside another thread's event loop; a plain ``with`` block.
+
+    For Starlette's and FastAPI's ``TestClient``, which runs the app in an event loop of its
+    own (its ``portal``) that the test's loop cannot share connections with::
+
+        with TestClient(app) as client, isolated_in(client.portal, db):
+            client.post("/orders", json={...})
+
+    Requests made through ``client`` inside the block are isolated; the engines are disposed
+    at the end, inside the portal's loop, because their pooled connections belong to it.
+    Use ``TestClient`` as a context manager: without it, each request runs in a new loop.
+
+    Raises:
+        The same errors as :func:`isolated`, raised in the calling thread.
+    """
+
+    @contextlib.asynccontextmanager
+    async def isolate_then_dispose() -> AsyncIterator[None]:
+        try:
+            async with isolated(*databases, mode=mode, is_test_database=is_test_database):
+                yield
+        finally:
+            for db in databases:
+                await db.dispose()
+
+    with portal.wrap_async_context_manager(isolate_then_dispose()):
         yield
 
 
