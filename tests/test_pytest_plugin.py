@@ -1,12 +1,14 @@
-"""The pytest plugin, run through pytester against a SQLite file and PostgreSQL."""
+"""The pytest plugin, run through pytester on every backend (and under pytest-xdist)."""
 
 from __future__ import annotations
 
 import contextlib
 import importlib
+from pathlib import Path
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import inspect as sync_inspect
+from sqlalchemy import make_url, text
 
 from .conftest import Backend
 
@@ -30,47 +32,36 @@ for _module in (
         importlib.import_module(_module)
 
 APP = """
-import contextlib
-import importlib
-
 import pytest
-from sqlalchemy import text
+from sqlalchemy import Column, MetaData, String, Table, func, insert, select
 from sqla_context import Database, scope
 
 db = Database(URL)
+metadata = MetaData()
+items = Table("plugin_items", metadata, Column("name", String(20)))
 
 pytest_plugins = ["sqla_context.pytest_plugin"]
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def sqla_databases():
     return [db]
 
 
-@pytest.fixture(autouse=True, scope="session")
-def schema():
-    import asyncio
-
-    async def create():
-        async with db.engine.begin() as conn:
-            await conn.execute(text("DROP TABLE IF EXISTS plugin_items"))
-            await conn.execute(text("CREATE TABLE plugin_items (name VARCHAR(20))"))
-        await db.dispose()
-
-    asyncio.run(create())
+@pytest.fixture(scope="session")
+def sqla_metadata():
+    return metadata
 
 
 async def count():
     async with scope(nested="new"):
         session = await db.session()
-        return (await session.execute(text("SELECT count(*) FROM plugin_items"))).scalar_one()
+        return (await session.execute(select(func.count()).select_from(items))).scalar_one()
 
 
 async def add(name):
     async with scope():
-        await (await db.session()).execute(
-            text("INSERT INTO plugin_items VALUES (:n)"), {"n": name}
-        )
+        await (await db.session()).execute(insert(items).values(name=name))
 """
 
 TESTS = """
@@ -102,16 +93,61 @@ async def test_after_commit_mode_it_is_empty(sqla_isolation):
     assert await count() == 0
 """
 
+WORKER_TESTS = """
+import os
+
+import pytest
+from conftest import add, count, db
+
+
+@pytest.mark.parametrize("n", range(6))
+async def test_each_worker_has_its_own_database(sqla_isolation, n):
+    worker = os.environ["PYTEST_XDIST_WORKER"]
+    assert str(db.url.database).replace(".db", "").endswith("_" + worker)
+    await add(f"{worker}-{n}")
+    assert await count() == 1
+"""
+
+
+def project(pytester: pytest.Pytester, backend: Backend, **tests: str) -> None:
+    pytester.makeconftest(f"URL = {backend.url!r}\n" + APP)
+    pytester.makepyfile(**tests)
+    pytester.makeini("[pytest]\nasyncio_mode = auto\n")
+
+
+async def tables(backend: Backend) -> list[str]:
+    async with backend.witness.connect() as conn:
+        names = await conn.run_sync(lambda sync: sync_inspect(sync).get_table_names())
+    return [n for n in names if n.startswith("plugin_")]
+
+
+async def databases_like(backend: Backend, marker: str) -> list[str]:
+    url = make_url(backend.url)
+    if backend.kind == "sqlite":
+        folder = Path(str(url.database)).parent
+        return sorted(p.name for p in folder.iterdir() if marker in p.name)
+    sql = "SELECT datname FROM pg_database" if backend.kind == "postgresql" else "SHOW DATABASES"
+    async with backend.witness.connect() as conn:
+        names = (await conn.execute(text(sql))).scalars().all()
+    return sorted(n for n in names if n.startswith(f"{url.database}{marker}"))
+
 
 async def test_plugin_isolates_tests(pytester: pytest.Pytester, backend: Backend) -> None:
-    pytester.makeconftest(f"URL = {backend.url!r}\n" + APP)
-    pytester.makepyfile(test_app=TESTS)
-    pytester.makeini("[pytest]\nasyncio_mode = auto\n")
+    project(pytester, backend, test_app=TESTS)
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
     result.assert_outcomes(passed=4)
-    async with backend.witness.connect() as conn:
-        count = await conn.execute(text("SELECT count(*) FROM plugin_items"))
-        assert count.scalar_one() == 0, "nothing any test wrote was left behind"
+    assert await tables(backend) == [], "the schema was created for the run and dropped after"
+
+
+async def test_plugin_gives_each_xdist_worker_a_database(
+    pytester: pytest.Pytester, backend: Backend
+) -> None:
+    project(pytester, backend, test_workers=WORKER_TESTS)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-p", "xdist", "-n", "2")
+    result.assert_outcomes(passed=6)
+    result.stdout.fnmatch_lines(["*2 workers*"])
+    assert await databases_like(backend, "_gw") == [], "worker databases are dropped at the end"
+    assert await tables(backend) == []
 
 
 def test_plugin_is_opt_in(pytester: pytest.Pytester) -> None:
@@ -126,5 +162,5 @@ def test_missing_databases_fixture_explains(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(test_x="async def test_x(sqla_isolation):\n    pass\n")
     pytester.makeini("[pytest]\nasyncio_mode = auto\n")
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
-    result.stdout.fnmatch_lines(["*define a `sqla_databases` fixture*"])
+    result.stdout.fnmatch_lines(["*define a session-scoped `sqla_databases` fixture*"])
     assert result.ret != 0

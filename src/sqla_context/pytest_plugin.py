@@ -3,14 +3,20 @@
     pytest_plugins = ["sqla_context.pytest_plugin"]
 
 
-    @pytest.fixture
+    @pytest.fixture(scope="session")
     def sqla_databases():
         return [db, replica]  # every Database the app uses
+
+
+    @pytest.fixture(scope="session")
+    def sqla_metadata():
+        return Base.metadata  # optional: tables created once per run, dropped at the end
 
 Then request ``sqla_isolation`` in a test (or make it autouse in your conftest): the test's
 database work is rolled back when it ends (see :func:`sqla_context.testing.isolated`). Mark
 a test ``@pytest.mark.sqla_commit`` to have its work really committed and the written
-tables emptied afterwards.
+tables emptied afterwards. Under pytest-xdist each worker works in a database of its own,
+created and dropped by the plugin.
 
 The plugin is not registered as a ``pytest11`` entry point, so installing sqla-context does
 not change the test runs of projects that do not ask for it. Its async fixture needs
@@ -19,12 +25,15 @@ pytest-asyncio.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+import asyncio
+import os
+from collections.abc import AsyncIterator, Iterator, Sequence
 
 import pytest
+from sqlalchemy import MetaData
 
 from ._database import Database
-from .testing import IsolationMode, isolated
+from .testing import IsolationMode, RunDatabases, isolated
 
 try:
     import pytest_asyncio
@@ -33,7 +42,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         "sqla_context.pytest_plugin needs pytest-asyncio: pip install pytest-asyncio"
     ) from exc
 
-__all__ = ["sqla_databases", "sqla_isolation"]
+__all__ = ["sqla_databases", "sqla_isolation", "sqla_metadata", "sqla_run_databases"]
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -44,18 +53,46 @@ def pytest_configure(config: pytest.Config) -> None:
     )
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def sqla_databases() -> Sequence[Database]:
-    """The Databases to isolate. Override this fixture in your conftest.py."""
+    """The Databases to isolate. Override this fixture (session scope) in your conftest.py."""
     raise pytest.UsageError(
-        "sqla_context.pytest_plugin: define a `sqla_databases` fixture in your conftest.py "
-        "that returns the Database objects your app uses, e.g. `return [db]`."
+        "sqla_context.pytest_plugin: define a session-scoped `sqla_databases` fixture in your "
+        "conftest.py that returns the Database objects your app uses, e.g. `return [db]`."
     )
+
+
+@pytest.fixture(scope="session")
+def sqla_metadata() -> MetaData | None:
+    """The schema to create once per run (``None``: create none). Override it to use it."""
+    return None
+
+
+@pytest.fixture(scope="session")
+def sqla_run_databases(
+    sqla_databases: Sequence[Database], sqla_metadata: MetaData | None
+) -> Iterator[Sequence[Database]]:
+    """Per-worker databases under pytest-xdist, and the schema, for the whole run.
+
+    Under xdist each worker (``gw0``, ``gw1``, ...) gets a database of its own, created here
+    and dropped at the end (SQLite: a file of its own). See
+    :class:`sqla_context.testing.RunDatabases`.
+    """
+    run = RunDatabases(
+        *sqla_databases,
+        worker=os.environ.get("PYTEST_XDIST_WORKER"),
+        metadata=sqla_metadata,
+    )
+    asyncio.run(run.setup())
+    try:
+        yield sqla_databases
+    finally:
+        asyncio.run(run.teardown())
 
 
 @pytest_asyncio.fixture
 async def sqla_isolation(
-    request: pytest.FixtureRequest, sqla_databases: Sequence[Database]
+    request: pytest.FixtureRequest, sqla_run_databases: Sequence[Database]
 ) -> AsyncIterator[IsolationMode]:
     """Isolate the test's work on ``sqla_databases``; yields the mode in use.
 
@@ -64,8 +101,8 @@ async def sqla_isolation(
     """
     mode: IsolationMode = "commit" if request.node.get_closest_marker("sqla_commit") else "rollback"
     try:
-        async with isolated(*sqla_databases, mode=mode):
+        async with isolated(*sqla_run_databases, mode=mode):
             yield mode
     finally:
-        for db in sqla_databases:
+        for db in sqla_run_databases:
             await db.dispose()

@@ -25,13 +25,15 @@ Commit mode
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import re
 from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path, PurePath
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-from sqlalchemy import Connection, event
-from sqlalchemy.ext.asyncio import AsyncConnection, async_sessionmaker
+from sqlalchemy import URL, Connection, MetaData, event, text
+from sqlalchemy.ext.asyncio import AsyncConnection, async_sessionmaker, create_async_engine
 
 from ._scope import check_choice
 from .exceptions import LeakError, UnsafeDatabaseError
@@ -39,7 +41,14 @@ from .exceptions import LeakError, UnsafeDatabaseError
 if TYPE_CHECKING:
     from ._database import Database
 
-__all__ = ["IsolationMode", "isolated", "isolated_in", "looks_like_test_database"]
+__all__ = [
+    "IsolationMode",
+    "RunDatabases",
+    "isolated",
+    "isolated_in",
+    "looks_like_test_database",
+    "worker_url",
+]
 
 IsolationMode = Literal["rollback", "commit"]
 
@@ -222,3 +231,127 @@ async def _empty(conn: AsyncConnection, tables: list[str]) -> None:
         for table in quoted:
             await conn.exec_driver_sql(f"DELETE FROM {table}")
     await conn.commit()
+
+
+def worker_url(url: URL, worker: str) -> URL:
+    """The URL of ``worker``'s own database: ``<name>_<worker>`` on a server, a sibling file
+    ``<stem>_<worker><suffix>`` for SQLite (an in-memory SQLite URL is returned as is)."""
+    if url.get_backend_name() == "sqlite":
+        if not url.database or url.database == ":memory:":
+            return url
+        path = PurePath(url.database)
+        return url.set(database=str(path.with_name(f"{path.stem}_{worker}{path.suffix}")))
+    return url.set(database=f"{url.database}_{worker}")
+
+
+class RunDatabases:
+    """The databases of a whole test run: per-worker copies and the schema.
+
+    ``setup()`` (or ``async with``) checks every database with ``is_test_database``; with
+    ``worker`` set (pytest-xdist's ``gw0``, ``gw1``, ...) it creates the worker's own
+    database on the server (or uses a file of its own for SQLite) and points the Database
+    at it with :meth:`~sqla_context.Database.switch_url`; then it creates ``metadata``'s
+    tables. ``teardown()`` drops the tables, drops the worker database (or deletes its
+    file), points each Database back at its original URL and disposes the engines.
+    Both leave no connection open, so they may run in different event loops.
+
+    To run Alembic migrations instead of ``create_all``, pass no ``metadata`` and run
+    ``alembic upgrade head`` against ``db.url`` after ``setup()``.
+    """
+
+    def __init__(
+        self,
+        *databases: Database,
+        worker: str | None = None,
+        metadata: MetaData | None = None,
+        is_test_database: Callable[[str], bool] = looks_like_test_database,
+    ) -> None:
+        self.databases = databases
+        self.worker = worker
+        self.metadata = metadata
+        self.is_test_database = is_test_database
+        self._original: dict[Database, URL] = {}
+        self._created: list[tuple[URL, URL]] = []  # (admin url, worker url)
+
+    async def __aenter__(self) -> RunDatabases:
+        await self.setup()
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.teardown()
+
+    async def setup(self) -> None:
+        """Check, create and point at the worker databases; create the schema."""
+        for db in self.databases:
+            _check_safe(db, self.is_test_database)
+        for db in self.databases:
+            original = db.engine.url
+            self._original[db] = original
+            if self.worker:
+                target = worker_url(original, self.worker)
+                if target != original and original.get_backend_name() != "sqlite":
+                    if (original, target) not in self._created:
+                        await _create_database(original, str(target.database))
+                        self._created.append((original, target))
+                elif target != original:
+                    self._created.append((original, target))
+                await db.switch_url(target)
+            if self.metadata is not None:
+                async with db.engine.begin() as conn:
+                    await conn.run_sync(self.metadata.create_all)
+            await db.dispose()
+
+    async def teardown(self) -> None:
+        """Drop the schema and the worker databases; restore the URLs; dispose."""
+        try:
+            for db in self.databases:
+                if self.metadata is not None:
+                    async with db.engine.begin() as conn:
+                        await conn.run_sync(self.metadata.drop_all)
+                await db.dispose()
+        finally:
+            for db, original in self._original.items():
+                await db.switch_url(original)
+                await db.dispose()
+            for admin, target in self._created:
+                await _drop_database(admin, target)
+            self._original.clear()
+            self._created.clear()
+
+
+async def _create_database(admin_url: URL, name: str) -> None:
+    engine = create_async_engine(admin_url, isolation_level="AUTOCOMMIT")
+    try:
+        async with engine.connect() as conn:
+            if conn.dialect.name == "postgresql":
+                query = text("SELECT 1 FROM pg_database WHERE datname = :n")
+                if (await conn.execute(query, {"n": name})).first() is None:
+                    quoted = conn.dialect.identifier_preparer.quote(name)
+                    await conn.exec_driver_sql(f"CREATE DATABASE {quoted}")
+            else:
+                quoted = conn.dialect.identifier_preparer.quote(name)
+                await conn.exec_driver_sql(f"CREATE DATABASE IF NOT EXISTS {quoted}")
+    finally:
+        await engine.dispose()
+
+
+async def _drop_database(admin_url: URL, target: URL) -> None:
+    if target.get_backend_name() == "sqlite":
+        if target.database:
+            await asyncio.to_thread(Path(target.database).unlink, missing_ok=True)
+        return
+    engine = create_async_engine(admin_url, isolation_level="AUTOCOMMIT")
+    try:
+        async with engine.connect() as conn:
+            quoted = conn.dialect.identifier_preparer.quote(str(target.database))
+            if conn.dialect.name == "postgresql":
+                await conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {quoted} WITH (FORCE)")
+            else:
+                # MariaDB/MySQL wait for every open transaction on the database's tables.
+                users = text("SELECT id FROM information_schema.processlist WHERE db = :n")
+                for (thread,) in (await conn.execute(users, {"n": target.database})).all():
+                    with contextlib.suppress(Exception):  # it may have ended meanwhile
+                        await conn.exec_driver_sql(f"KILL {int(thread)}")
+                await conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {quoted}")
+    finally:
+        await engine.dispose()
