@@ -4,6 +4,7 @@ from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import text
 
 from sqla_context.asgi import SessionMiddleware
 
@@ -50,3 +51,41 @@ async def test_litestar_commit_and_rollback(backend: Backend, wrap: Any) -> None
     assert failed.status_code == 500
     assert failed.text != "looks fine"
     assert await backend.names() == ["kept"]
+
+
+async def test_litestar_test_clients_with_isolation(backend: Backend) -> None:
+    import asyncio
+
+    from litestar import get
+    from litestar.testing import AsyncTestClient, TestClient
+
+    from sqla_context.testing import isolated_in
+
+    db = backend.database()
+
+    @post("/items/{name:str}", status_code=201)
+    async def create(name: FromPath[str]) -> None:
+        await insert(await db.session(), name)
+
+    @get("/items")
+    async def read() -> list[str]:
+        rows = await (await db.session()).execute(text("SELECT name FROM items ORDER BY name"))
+        return list(rows.scalars())
+
+    app = Litestar(route_handlers=[create, read], middleware=[DefineMiddleware(SessionMiddleware)])
+
+    # Both of Litestar's clients run the app in an event loop of their own (a portal).
+    async with AsyncTestClient(app=app) as client:
+        with isolated_in(client.blocking_portal, db):
+            assert (await client.post("/items/a")).status_code == 201
+            assert (await client.get("/items")).json() == ["a"]
+    assert await backend.names() == []
+
+    def drive() -> list[str]:  # the sync client runs the app in a loop of its own
+        with TestClient(app=app) as client, isolated_in(client.blocking_portal, db):
+            assert client.post("/items/b").status_code == 201
+            listed: list[str] = client.get("/items").json()
+            return listed
+
+    assert await asyncio.to_thread(drive) == ["b"]
+    assert await backend.names() == []
