@@ -7,6 +7,7 @@ import logging
 
 import pytest
 from sqlalchemy import String, text
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -409,3 +410,22 @@ async def test_context_copy_after_exit_raises_scope_closed(sqlite: Backend) -> N
     task = ctx.run(asyncio.ensure_future, db.session())
     with pytest.raises(ScopeClosedError):
         await task
+
+
+async def test_connection_of_a_failed_commit_is_not_reused_dirty(backend: Backend) -> None:
+    # SQLite keeps the transaction open after a failed COMMIT; the pool must not hand that
+    # connection, with its failed writes still pending, to the next scope.
+    db = backend.database(engine_options={"pool_size": 1, "max_overflow": 0})
+    with pytest.raises(CommitError):
+        async with scope():
+            await backend.doom(await db.session())
+    async with scope():
+        await insert(await db.session(), "next")
+    assert await backend.names() == ["next"]
+    async with scope():
+        session = await db.session()
+        await backend.doom(session)
+        with pytest.raises(DBAPIError):  # the driver's error, as session.commit() raises it
+            await db.commit()
+        await insert(session, "after-direct-commit-failure")
+    assert await backend.names() == ["after-direct-commit-failure", "next"]

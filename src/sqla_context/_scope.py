@@ -78,8 +78,26 @@ async def commit_session(db: Database, unit: _Unit | None, session: AsyncSession
     """Commit with the Database's and the scope's hooks around it (errors propagate as-is)."""
     scope_before, scope_after = (unit.before_commit, unit.after_commit) if unit else (None, None)
     await call_hooks(session, db.before_commit, scope_before)
-    await session.commit()
+    await _commit_or_discard(session)
     await call_hooks(session, db.after_commit, scope_after)
+
+
+async def _commit_or_discard(session: AsyncSession) -> None:
+    """``session.commit()``; if the COMMIT fails, discard the session's connections.
+
+    After a failed COMMIT, SQLite keeps the transaction open (a deferred foreign key
+    violation, for one), and the pool does not roll back a connection whose transaction
+    SQLAlchemy saw end: returned to the pool, it would hand the failed writes to the next
+    user. Invalidating closes the connection instead, and the session stays usable.
+    """
+    try:
+        await session.commit()
+    except BaseException:
+        try:
+            await session.invalidate()
+        except Exception:
+            _log.warning("discarding a connection after a failed commit failed", exc_info=True)
+        raise
 
 
 async def _finish(
@@ -96,7 +114,7 @@ async def _finish(
                     continue
                 try:
                     await call_hooks(session, db.before_commit, unit.before_commit)
-                    await session.commit()
+                    await _commit_or_discard(session)
                 except Exception as exc:
                     rest = [d.name for d, s in sessions[index + 1 :] if s.in_transaction()]
                     commit_failure = CommitError(db.name, committed, [db.name, *rest], exc)

@@ -80,7 +80,7 @@ class TransactionBlock:
             try:
                 await commit_session(self._db, _current.get(), session)
             except BaseException:
-                await session.rollback()
+                await session.rollback()  # a failing hook left the transaction open
                 raise
 
     def __call__(self, fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:

@@ -1,0 +1,93 @@
+"""Litestar integration: one plugin for the scope per request, the session dependency and disposal.
+
+    app = Litestar(route_handlers=[...], plugins=[SqlaContextPlugin(db)])
+
+    @get("/users/{user_id:int}")
+    async def read_user(user_id: int, session: NamedDependency[AsyncSession]) -> User: ...
+
+The plugin installs :class:`sqla_context.asgi.SessionMiddleware` as the outermost app
+middleware, so Litestar requests get exactly the ASGI guarantees: the request's sessions are
+committed before the response headers are sent (status < 400, or ``commit_on``), rolled back
+on an error status or an exception, and a failed commit turns the response into a 500. It
+provides the first database's scope session as the dependency ``session`` (declare it as
+``NamedDependency[AsyncSession]``, from ``litestar.di``; it is the same object
+``await db.session()`` returns anywhere else in the request), and disposes every database
+on shutdown.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+try:
+    from litestar.config.app import AppConfig
+    from litestar.di import Provide
+    from litestar.middleware import DefineMiddleware
+    from litestar.plugins import InitPluginProtocol
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "sqla_context.litestar needs Litestar: pip install 'sqla-context[litestar]'"
+    ) from exc
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from ._scope import check_choice
+from .asgi import SessionMiddleware, WebSocketMode, _is_success
+
+if TYPE_CHECKING:
+    from ._database import Database
+
+__all__ = ["SqlaContextPlugin"]
+
+
+class SqlaContextPlugin(InitPluginProtocol):
+    """Run every Litestar request in a scope; provide ``session``; dispose at shutdown.
+
+    Args:
+        *databases: the app's databases; the first one provides the ``session`` dependency.
+            All of them are disposed on shutdown.
+        commit_on: decides from the response status whether to commit (default: < 400).
+        websocket: as for :class:`~sqla_context.asgi.SessionMiddleware`: ``"none"`` (default)
+            opens no scope for WebSocket connections, ``"connection"`` one per connection.
+        dependency_key: the name of the session dependency (``None``: provide none).
+
+    Raises:
+        ConfigurationError: no database was given, or ``websocket`` is not allowed.
+    """
+
+    __slots__ = ("commit_on", "databases", "dependency_key", "websocket")
+
+    def __init__(
+        self,
+        *databases: Database,
+        commit_on: Callable[[int], bool] = _is_success,
+        websocket: WebSocketMode = "none",
+        dependency_key: str | None = "session",
+    ) -> None:
+        from .exceptions import ConfigurationError
+
+        if not databases:
+            raise ConfigurationError("SqlaContextPlugin() needs at least one Database")
+        check_choice("websocket", websocket, WebSocketMode)
+        self.databases = databases
+        self.commit_on = commit_on
+        self.websocket: WebSocketMode = websocket
+        self.dependency_key = dependency_key
+
+    def on_app_init(self, app_config: AppConfig) -> AppConfig:
+        """Install the middleware (outermost), the dependency and the shutdown hook."""
+        middleware = DefineMiddleware(
+            SessionMiddleware,  # type: ignore[arg-type]  # Litestar types ASGI scopes as TypedDicts
+            commit_on=self.commit_on,
+            websocket=self.websocket,
+        )
+        app_config.middleware.insert(0, middleware)
+        if self.dependency_key is not None:
+            app_config.dependencies[self.dependency_key] = Provide(self.databases[0].session)
+            app_config.signature_namespace.setdefault("AsyncSession", AsyncSession)
+        app_config.on_shutdown.append(self._dispose)
+        return app_config
+
+    async def _dispose(self) -> None:
+        for db in self.databases:
+            await db.dispose()
