@@ -41,6 +41,10 @@ EXPECTED_PAGES = {
     "troubleshooting",
     "web",
     "testing",
+    "litestar",
+    "aiohttp",
+    "taskiq",
+    "faststream",
 }
 LANGUAGES = {"python", "py", "text", "console"}
 #: Upper bound for one program; they take about a second each.

@@ -1,0 +1,200 @@
+"""FastStream integration: a scope per consumed message, committed before the message is acked.
+
+Written against FastStream 0.7 (0.6 works as well). Add the middleware to a broker, or to a
+router for some subscribers only::
+
+    broker = RabbitBroker(url, middlewares=[SessionMiddleware])
+
+    @broker.subscriber("orders")
+    async def handle(order: dict) -> None:
+        session = await db.session()    # the message's session, at any depth
+        ...
+
+Where it sits in FastStream's flow
+    For each message a subscriber enters, in this order, FastStream's acknowledgement
+    middleware (absent under ``AckPolicy.MANUAL``, and under ``ACK_FIRST`` for RabbitMQ and
+    Kafka, where the broker or client acks on delivery), its logging middleware, then the
+    broker's middlewares in list order. ``consume_scope`` calls are nested the same way
+    around the handler call, and the acknowledgement middleware acks, nacks or rejects in
+    its ``__aexit__``, after every inner middleware has exited and after the handler's
+    result was published (``reply_to``, ``@publisher``). This middleware does all its
+    work in ``consume_scope``, not in ``after_processed``/``__aexit__``, which would run
+    after that publish:
+
+    1. it opens a fresh scope (a new unit of work in the ContextVar) right around the call
+       of the handler and resets it on the way out. ``consume_scope`` and the handler are
+       one chain of awaits (``HandlerItem.call``), so the ContextVar is set in the very task
+       and context in which the handler, its dependencies and its helpers run;
+    2. handler returned (or raised ``AckMessage``): every session is committed, then
+       closed. Only then does the result travel on: it is published, and the
+       acknowledgement middleware acks. **The commit precedes the ack.**
+    3. handler raised anything else (``NackMessage``, ``RejectMessage``, ``SkipMessage``,
+       a bug), or was cancelled: everything is rolled back and closed, and the exception
+       goes on; the subscriber's ``ack_policy`` decides the message's fate as usual.
+    4. the commit failed (a :class:`~sqla_context.CommitError` at scope exit, or one that
+       escaped the handler from ``db.close_session()``): the middleware nacks the message
+       itself (``message.nack()``, which requeues on RabbitMQ, naks on NATS JetStream and
+       seeks back on Kafka), then re-raises. FastStream's own ack/nack/reject that follows
+       is a no-op on a settled message, so ``ack_policy`` cannot turn a failed commit into
+       an ack (``AckPolicy.ACK`` acks on errors) or a drop (the default
+       ``REJECT_ON_ERROR`` rejects without requeue). The message is delivered again.
+
+Preconditions for ack-after-commit
+    The message must not have been acked before the commit: not with
+    ``AckPolicy.ACK_FIRST``, and not by the handler itself (``await message.ack()``). In
+    those cases a failed commit is logged at ERROR as a lost message; nothing else can be
+    done. Brokers without acknowledgements cannot redeliver at all: Redis pub/sub and
+    lists (FastStream forces ``MANUAL`` there) lose a message whose commit failed. A Redis
+    stream with a consumer group keeps it pending (no XACK), and delivers it again only to a
+    subscriber that claims pending messages (``StreamSub(..., min_idle_time=...)``). Under
+    ``AckPolicy.MANUAL`` nobody acks for you: commit before acking (``await db.commit()``,
+    then ``await message.ack()``).
+
+Broker shutdown
+    ``broker.stop()`` waits up to ``graceful_timeout`` for running handlers, then closes
+    the channel, and aio-pika cancels the handlers still running. A cancelled handler's
+    work is rolled back and its connection returned before its task ends; FastStream 0.7
+    does not settle its message, which RabbitMQ therefore delivers again.
+
+Delivery is at least once
+    If the process dies (or the connection drops) between the commit and the ack, the
+    message is delivered again although its work is committed; the same holds when
+    publishing the handler's result fails after the commit. Handlers must be idempotent.
+    A commit that fails every time (a constraint checked at COMMIT) is redelivered every
+    time: bound it with the broker (a RabbitMQ quorum queue's ``x-delivery-limit`` with a
+    dead-letter exchange, JetStream's ``max_deliver``).
+
+One scope per message, always
+    The middleware never joins a scope that is active where the message arrives: with a
+    real broker that would be a scope that was open where the broker started (its consumer
+    tasks inherit that context), and with FastStream's in-memory ``TestBroker`` the
+    publisher's scope; in production a consumer never shares the publisher's transaction,
+    so neither does the test. A reply received through ``broker.request()`` passes
+    through untouched (it is the caller's message, not a unit of work).
+
+Order with other middlewares
+    Put ``SessionMiddleware`` last in ``middlewares=[...]``: it is then the innermost
+    middleware and sees the handler's exception before, say, an ``ExceptionMiddleware``
+    turns it into a normal return (which would commit).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import TYPE_CHECKING, Any
+
+try:
+    import faststream
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "sqla_context.faststream needs FastStream: pip install 'sqla-context[faststream]'"
+    ) from exc
+try:  # AckPolicy and middlewares that get the context came with FastStream 0.6
+    from faststream import AckPolicy, BaseMiddleware, SourceType, StreamMessage
+    from faststream.exceptions import AckMessage
+    from faststream.message import AckStatus
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "sqla_context.faststream needs FastStream 0.6 or later, found "
+        f"{getattr(faststream, '__version__', 'an older one')}: "
+        "pip install -U 'sqla-context[faststream]'"
+    ) from exc
+
+from ._scope import _current, _Unit, settle
+from .exceptions import CommitError
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
+__all__ = ["SessionMiddleware"]
+
+_log = logging.getLogger("sqla_context")
+
+
+class SessionMiddleware(BaseMiddleware):
+    """FastStream broker middleware: each consumed message's handler runs in its own scope.
+
+    ``await db.session()`` works anywhere in the handler and what it calls; FastStream's
+    ``Depends(db.session)`` gives the same session. The sessions are committed when the
+    handler returns (or raises ``AckMessage``), rolled back when it raises anything else
+    or is cancelled, and always closed, all before FastStream publishes the handler's
+    result and acks the message. If the commit fails, the message is nacked (redelivered)
+    and the error re-raised. See the module docstring for the ack policies and brokers
+    under which that holds.
+
+    Pass the class itself; FastStream makes one instance per message::
+
+        broker = RabbitBroker(url, middlewares=[SessionMiddleware])
+        router = RabbitRouter(middlewares=[SessionMiddleware])   # or for some subscribers
+    """
+
+    async def consume_scope(
+        self,
+        call_next: Callable[[StreamMessage[Any]], Awaitable[Any]],
+        msg: StreamMessage[Any],
+    ) -> Any:
+        if msg.source_type is SourceType.RESPONSE:  # a broker.request() reply, caller side
+            return await call_next(msg)
+        unit = _Unit()
+        token = _current.set(unit)  # this task runs the handler: call_next awaits it here
+        try:
+            try:
+                result = await call_next(msg)
+            except AckMessage:
+                # The handler asked for an ack: that is success, so commit first.
+                await self._commit(unit, msg)
+                raise
+            except BaseException as exc:
+                await settle(unit, failed=True)
+                if isinstance(exc, CommitError):  # from db.close_session() in the handler
+                    await self._redeliver(msg, exc)
+                raise
+            await self._commit(unit, msg)
+            return result
+        finally:
+            # ValueError: reset from another context; the unit is closed either way.
+            with contextlib.suppress(ValueError):
+                _current.reset(token)
+
+    async def _commit(self, unit: _Unit, msg: StreamMessage[Any]) -> None:
+        try:
+            await settle(unit, failed=False)
+        except CommitError as exc:
+            await self._redeliver(msg, exc)
+            raise
+        # Any other error here is an after_commit hook's: the data is committed, and the
+        # ack policy treats the error as a handler's. A cancellation during the commit
+        # leaves the message unacked (FastStream 0.7 does not settle a cancelled handler's
+        # message), so it comes again: at least once.
+
+    async def _redeliver(self, msg: StreamMessage[Any], error: CommitError) -> None:
+        """Nack ``msg`` after a failed commit, so that the broker delivers it again."""
+        if msg.committed is AckStatus.NACKED:  # the handler nacked it: it comes again anyway
+            _log.warning("commit failed for message %s, already nacked", msg.message_id)
+            return
+        if msg.committed is not None or self._ack_policy() is AckPolicy.ACK_FIRST:
+            state = msg.committed.value if msg.committed is not None else "ACKED on delivery"
+            _log.error(
+                "commit failed for message %s, which was already %s (ack_policy=ACK_FIRST or "
+                "settled by the handler): it will not be redelivered: %s",
+                msg.message_id,
+                state,
+                error,
+            )
+            return
+        try:
+            await msg.nack()
+        except Exception:
+            _log.exception(
+                "commit failed for message %s and nacking it failed too; it is redelivered "
+                "only if the broker sees no ack (e.g. when the connection closes)",
+                msg.message_id,
+            )
+        else:
+            _log.warning("commit failed for message %s: nacked for redelivery", msg.message_id)
+
+    def _ack_policy(self) -> AckPolicy | None:
+        subscriber = self.context.get_local("handler_")
+        policy = getattr(subscriber, "ack_policy", None)
+        return policy if isinstance(policy, AckPolicy) else None
