@@ -45,6 +45,7 @@ EXPECTED_PAGES = {
     "aiohttp",
     "taskiq",
     "faststream",
+    "integrations",
 }
 LANGUAGES = {"python", "py", "text", "console"}
 #: Upper bound for one program; they take about a second each.

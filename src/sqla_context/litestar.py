@@ -5,12 +5,14 @@
     @get("/users/{user_id:int}")
     async def read_user(user_id: int, session: NamedDependency[AsyncSession]) -> User: ...
 
-The plugin installs :class:`sqla_context.asgi.SessionMiddleware` as the outermost app
-middleware, so Litestar requests get exactly the ASGI guarantees: the request's sessions are
+The plugin installs :class:`sqla_context.asgi.SessionMiddleware` first among the app's
+middleware (Litestar's own exception handling still wraps it, so a failed commit reaches
+the server as a ``LitestarException`` caused by the ``CommitError``), so Litestar requests
+get the ASGI guarantees: the request's sessions are
 committed before the response headers are sent (status < 400, or ``commit_on``), rolled back
 on an error status or an exception, and a failed commit turns the response into a 500. It
 provides the first database's scope session as the dependency ``session`` (declare it as
-``NamedDependency[AsyncSession]``, from ``litestar.di``; it is the same object
+``NamedDependency[AsyncSession]``, from ``litestar.di`` (Litestar 2.23+); it is the same object
 ``await db.session()`` returns anywhere else in the request), and disposes every database
 on shutdown.
 """
@@ -75,7 +77,7 @@ class SqlaContextPlugin(InitPluginProtocol):
         self.dependency_key = dependency_key
 
     def on_app_init(self, app_config: AppConfig) -> AppConfig:
-        """Install the middleware (outermost), the dependency and the shutdown hook."""
+        """Install the middleware (first of the app's), the dependency and the shutdown hook."""
         middleware = DefineMiddleware(
             SessionMiddleware,  # type: ignore[arg-type]  # Litestar types ASGI scopes as TypedDicts
             commit_on=self.commit_on,
