@@ -316,6 +316,8 @@ class Database:
     async def _session_after_hook(self, unit: _Unit) -> AsyncSession:
         # The hook awaits, so tasks asking at the same moment queue here and all get the
         # session the first one created. If the hook fails, the next caller runs it again.
+        if unit.locks is None:
+            unit.locks = {}
         lock = unit.locks.get(self)
         if lock is None:
             lock = unit.locks[self] = asyncio.Lock()

@@ -60,8 +60,8 @@ class _Unit:
         self.before_commit = before_commit
         self.after_commit = after_commit
         self.sessions: dict[Database, AsyncSession] = {}
-        # Only used while a Database's async before_session hook runs (see Database.session).
-        self.locks: dict[Database, asyncio.Lock] = {}
+        # Created on demand, only while a Database's async before_session hook runs.
+        self.locks: dict[Database, asyncio.Lock] | None = None
         self.closed = False
 
 

@@ -148,8 +148,9 @@ class SessionMiddleware:
                 started = True
                 status = message["status"]
                 try:
-                    commit = self.commit_on(status) and not disconnected
-                    await settle(unit, failed=not commit, keep_open=True)
+                    if unit.sessions:  # a request that used no database pays no await here
+                        commit = self.commit_on(status) and not disconnected
+                        await settle(unit, failed=not commit, keep_open=True)
                 except Exception:
                     answered_500 = True
                     _log.error(
@@ -174,12 +175,16 @@ class SessionMiddleware:
             # Work done after the response started (streaming, background tasks) commits
             # here, unless the client hung up first. An HTTP app that returned without
             # starting a response gets rolled back.
-            await settle(unit, failed=disconnected or (kind == "http" and not started))
+            if unit.sessions:
+                await settle(unit, failed=disconnected or (kind == "http" and not started))
+            unit.closed = True
         finally:
-            # ValueError: reset from another context (some servers run apps oddly); the unit
-            # is closed either way.
-            with contextlib.suppress(ValueError):
+            # ValueError: reset from another context; the unit is closed either way. (Not
+            # contextlib.suppress: this runs on every request, and it costs an object.)
+            try:  # noqa: SIM105
                 _current.reset(token)
+            except ValueError:
+                pass
 
 
 def dispose_at_shutdown(
