@@ -22,10 +22,13 @@ variants are compared in pairs, A against B, both servers up during the whole pa
     how far from 1.00 two identical servers land on this machine, i.e. the smallest
     difference the other pairs can resolve.
 
-Method: per pair, both servers are started and checked (the measured path must answer 200
-with the expected body), each gets one unrecorded warm-up run, then ``--rounds`` rounds of
-one run per variant, interleaved, the order alternating between rounds (A B, B A, A B, ...)
-so that a slow drift of the machine hits both variants alike. One run is ``wrk -t1 -c32
+Method: per pair, ``--rounds`` rounds of one run per variant, interleaved, the order
+alternating between rounds (A B, B A, A B, ...) so that a slow drift of the machine hits
+both variants alike. Every round starts fresh server processes for both variants, checks
+them (the measured path must answer 200 with the expected body) and gives each one
+unrecorded warm-up run: how fast a given process runs depends a little on luck (memory
+layout, hash seeds), which one process per variant would carry into every round
+(``--same-process`` does that, for comparison). One run is ``wrk -t1 -c32
 -d<duration>s`` (configurable) against one server. The report gives, per variant, the
 MEDIAN requests/s over the rounds, the min-max, the spread (max - min) / median and the
 median p50/p99 latency; per pair, the ratio of the medians B/A and the min-max of the
@@ -187,6 +190,7 @@ class Settings:
     threads: int
     pin: bool
     quick: bool
+    fresh: bool
 
 
 @dataclass(frozen=True)
@@ -512,34 +516,69 @@ def database(kind: str, pg_url: str, tmp: Path, name: str) -> Iterator[str]:
 # -- the measurement ------------------------------------------------------------------------
 
 
-def measure_pair(
-    pair: Pair, env: dict[str, str], settings: Settings, tmp: Path, script: Path
-) -> Result:
+@contextlib.contextmanager
+def _ready_servers(
+    pair: Pair,
+    a: Variant,
+    b: Variant,
+    env: dict[str, str],
+    settings: Settings,
+    tmp: Path,
+    script: Path,
+) -> Iterator[tuple[Server, Server]]:
+    """Both servers of ``pair`` started, checked and warmed up (warm-up not recorded)."""
     cpus = _cpus(settings.pin)
     server_cpu, wrk_cpu = cpus if cpus is not None else (None, None)
-    a, b = Variant(*pair.a), Variant(*pair.b)
     with servers([a.app, b.app], env, server_cpu, tmp) as (server_a, server_b):
         for server in (server_a, server_b):
             server.check(pair.path, pair.expect)
-        targets = ((a, server_a), (b, server_b))
-        for variant, server in targets:  # warm-up, not recorded
+        for variant, server in ((a, server_a), (b, server_b)):
             print(f"  warm-up {variant.app} ({settings.warmup:g} s)", flush=True)
             wrk(server, pair.path, settings, settings.warmup, script, wrk_cpu)
-        for index in range(settings.rounds):
-            order = targets if index % 2 == 0 else targets[::-1]
-            for variant, server in order:
-                run = wrk(server, pair.path, settings, settings.duration, script, wrk_cpu)
-                variant.runs.append(run)
-                side = "A" if variant is a else "B"
-                print(
-                    f"  round {index + 1}/{settings.rounds} {side} {variant.app:<11}"
-                    f" {run.rps:>10,.1f} req/s  p50 {run.p50_ms:.2f} ms"
-                    f"  GC {'/'.join(map(str, run.gc_collections))}"
-                    + (f"  ERRORS {run.errors}" if run.errors else ""),
-                    flush=True,
-                )
+        yield server_a, server_b
         for server in (server_a, server_b):  # still healthy after the load
             server.check(pair.path, pair.expect)
+
+
+def _measure_round(
+    index: int,
+    pair: Pair,
+    targets: tuple[tuple[Variant, Server], ...],
+    a: Variant,
+    settings: Settings,
+    script: Path,
+) -> None:
+    """One run per variant, the order alternating between rounds (A B, B A, ...)."""
+    cpus = _cpus(settings.pin)
+    wrk_cpu = cpus[1] if cpus is not None else None
+    for variant, server in targets if index % 2 == 0 else targets[::-1]:
+        run = wrk(server, pair.path, settings, settings.duration, script, wrk_cpu)
+        variant.runs.append(run)
+        side = "A" if variant is a else "B"
+        print(
+            f"  round {index + 1}/{settings.rounds} {side} {variant.app:<11}"
+            f" {run.rps:>10,.1f} req/s  p50 {run.p50_ms:.2f} ms"
+            f"  GC {'/'.join(map(str, run.gc_collections))}"
+            + (f"  ERRORS {run.errors}" if run.errors else ""),
+            flush=True,
+        )
+
+
+def measure_pair(
+    pair: Pair, env: dict[str, str], settings: Settings, tmp: Path, script: Path
+) -> Result:
+    a, b = Variant(*pair.a), Variant(*pair.b)
+    if settings.fresh:
+        # New server processes for every round: how fast one process runs depends a little
+        # on luck (memory layout, hash seeds), and one process per variant would measure
+        # that luck in every round (the A/A pair shows how much).
+        for index in range(settings.rounds):
+            with _ready_servers(pair, a, b, env, settings, tmp, script) as (server_a, server_b):
+                _measure_round(index, pair, ((a, server_a), (b, server_b)), a, settings, script)
+    else:
+        with _ready_servers(pair, a, b, env, settings, tmp, script) as (server_a, server_b):
+            for index in range(settings.rounds):
+                _measure_round(index, pair, ((a, server_a), (b, server_b)), a, settings, script)
     return Result(pair, a, b)
 
 
@@ -795,7 +834,9 @@ def print_environment(settings: Settings) -> None:
     print(
         f"load: wrk -t{settings.threads} -c{settings.connections}, "
         f"{settings.rounds} interleaved rounds of {settings.duration:g} s per variant "
-        f"after a {settings.warmup:g} s warm-up each; 1 uvicorn worker per variant; {placement}"
+        f"after a {settings.warmup:g} s warm-up each; 1 uvicorn worker per variant, "
+        f"{'new processes every round' if settings.fresh else 'the same process for all rounds'}"
+        f"; {placement}"
     )
     print()
 
@@ -958,6 +999,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pg-url", default=DEFAULT_PG_URL, help="PostgreSQL URL for 'pg'")
     parser.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
     parser.add_argument(
+        "--same-process",
+        action="store_true",
+        help="keep one server process per variant for all rounds (default: new ones per round)",
+    )
+    parser.add_argument(
         "--no-in-process", action="store_true", help="skip the in-process timing of the apps"
     )
     parser.add_argument(
@@ -980,6 +1026,7 @@ def main(argv: list[str] | None = None) -> int:
         threads=args.threads,
         pin=not args.no_pin,
         quick=args.quick,
+        fresh=not args.same_process,
     )
     if str(ROOT) not in sys.path:  # for ``benchmarks.asgi_apps``, also when run by path
         sys.path.insert(0, str(ROOT))

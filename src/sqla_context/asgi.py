@@ -38,16 +38,32 @@ Already inside a scope
     If the request runs inside an active scope (a test that opened ``scope()`` and drives
     the app with ``httpx.ASGITransport``), the middleware joins it: it neither commits nor
     closes what that scope owns.
+
+The response's last message
+    The server's handling of the final ``http.response.body`` message runs in the context
+    the middleware was called in (without the scope or variables the app set), so that a
+    callback the server creates there, such as uvicorn's keep-alive timer, does not keep
+    the request's objects alive. The app's own code runs in the scope throughout.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+import types
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Generator,
+    Iterator,
+    MutableMapping,
+)
+from contextvars import Context, copy_context
 from typing import TYPE_CHECKING, Any, Literal
 
 from ._scope import _current, _Unit, check_choice, settle
+from ._typing import CommitMode
 
 if TYPE_CHECKING:
     from ._database import Database
@@ -125,59 +141,21 @@ class SessionMiddleware:
         if active is not None and not active.closed:  # its owner commits and closes
             await self.app(scope, receive, send)
             return
-
-        unit = _Unit()
-        token = _current.set(unit)
-        started = answered_500 = complete = disconnected = False
-
-        async def receive_watching() -> Message:
-            nonlocal disconnected
-            message = await receive()
-            # A hang-up seen before the response is complete means the client will never know
-            # the outcome: roll back. (After completion, servers report a disconnect as normal.)
-            if message["type"] == "http.disconnect" and not complete:
-                disconnected = True
-            return message
-
-        async def send_after_commit(message: Message) -> None:
-            nonlocal started, answered_500, complete
-            if answered_500:
-                return  # the app's own response would follow our 500: drop it
-            msg_type = message["type"]
-            if msg_type == "http.response.start" and not started:
-                started = True
-                status = message["status"]
-                try:
-                    if unit.sessions:  # a request that used no database pays no await here
-                        commit = self.commit_on(status) and not disconnected
-                        await settle(unit, failed=not commit, keep_open=True)
-                except Exception:
-                    answered_500 = True
-                    _log.error(
-                        "commit failed for %s %s; answering 500 instead of %s",
-                        scope.get("method"),
-                        scope.get("path"),
-                        status,
-                    )
-                    await send(_START_500)
-                    await send({"type": "http.response.body", "body": _BODY_500})
-                    raise
-            elif msg_type == "http.response.body" and not message.get("more_body", False):
-                complete = True
-            await send(message)
-
+        request = _Request(self.commit_on, scope, receive, send)
+        token = _current.set(request)
         try:
-            await self.app(scope, receive_watching, send_after_commit)
+            await self.app(scope, request.receive, request.send)
         except BaseException:
-            await settle(unit, failed=True)
+            await settle(request, failed=True)
             raise
         else:
             # Work done after the response started (streaming, background tasks) commits
             # here, unless the client hung up first. An HTTP app that returned without
             # starting a response gets rolled back.
-            if unit.sessions:
-                await settle(unit, failed=disconnected or (kind == "http" and not started))
-            unit.closed = True
+            if request.sessions:
+                failed = request.disconnected or (kind == "http" and not request.started)
+                await settle(request, failed=failed)
+            request.closed = True
         finally:
             # ValueError: reset from another context; the unit is closed either way. (Not
             # contextlib.suppress: this runs on every request, and it costs an object.)
@@ -185,6 +163,143 @@ class SessionMiddleware:
                 _current.reset(token)
             except ValueError:
                 pass
+
+
+class _Request(_Unit):
+    """The scope of one request (a :class:`_Unit`) and the ASGI plumbing around the app.
+
+    One object per request, because this runs on every request: its bound methods are the
+    ``receive`` and ``send`` the app gets.
+    """
+
+    __slots__ = (
+        "answered_500",
+        "commit_on",
+        "complete",
+        "disconnected",
+        "entry_context",
+        "scope",
+        "server_receive",
+        "server_send",
+        "started",
+    )
+
+    def __init__(
+        self, commit_on: Callable[[int], bool], scope: Scope, receive: Receive, send: Send
+    ) -> None:
+        # The _Unit fields are set here rather than by calling _Unit.__init__: one Python call
+        # per request instead of two.
+        self.commit: CommitMode = "auto"
+        self.before_commit = self.after_commit = None
+        self.sessions = {}
+        self.locks = None
+        self.closed = False
+        self.commit_on = commit_on
+        self.scope = scope
+        self.server_receive = receive
+        self.server_send = send
+        # The context as the server (and the middlewares outside this one) made it, before
+        # the scope was set in it: see _run_in().
+        self.entry_context = copy_context()
+        self.started = self.complete = self.disconnected = self.answered_500 = False
+
+    async def receive(self) -> Message:
+        message = await self.server_receive()
+        # A hang-up seen before the response is complete means the client will never know
+        # the outcome: roll back. (After completion, servers report a disconnect as normal.)
+        if message["type"] == "http.disconnect" and not self.complete:
+            self.disconnected = True
+        return message
+
+    def send(self, message: Message) -> Awaitable[None]:
+        # Not a coroutine function, and no call of another method on the common path:
+        # every message of every request goes through here.
+        if self.answered_500:
+            return _DONE  # the app's own response would follow our 500: drop it
+        msg_type = message["type"]
+        if msg_type == "http.response.body":
+            if not message.get("more_body", False):
+                self.complete = True
+                return _run_in(self.entry_context, self.server_send(message))
+        elif msg_type == "http.response.start" and not self.started:
+            self.started = True
+            if self.sessions:  # a request that used no database pays no await here
+                return self._end_then_start(message)
+        return self.server_send(message)
+
+    async def _end_then_start(self, start: Message) -> None:
+        """Commit or roll back the sessions, then send ``start`` (or a 500 if that failed)."""
+        status = start["status"]
+        try:
+            commit = self.commit_on(status) and not self.disconnected
+            await settle(self, failed=not commit, keep_open=True)
+        except Exception:
+            self.answered_500 = True
+            _log.error(
+                "commit failed for %s %s; answering 500 instead of %s",
+                self.scope.get("method"),
+                self.scope.get("path"),
+                status,
+            )
+            await self.server_send(_START_500)
+            await self.server_send({"type": "http.response.body", "body": _BODY_500})
+            raise
+        await self.server_send(start)
+
+
+class _Done:
+    """An awaitable that is already finished: ``await _DONE`` returns None at once."""
+
+    __slots__ = ()
+
+    def __await__(self) -> Generator[Any, Any, None]:
+        return iter(())  # type: ignore[return-value]  # an exhausted iterator ends the await
+
+
+_DONE = _Done()
+_END = object()
+
+
+def _run_in(context: Context, awaitable: Awaitable[None]) -> Awaitable[None]:
+    """Run ``awaitable`` with every step of it in ``context``; await what this returns.
+
+    Used for the last message of a response. A server may create a callback while handling
+    it (uvicorn starts its keep-alive timer inside that ``send``), and a callback keeps a
+    copy of the current context until it is discarded. Run in the request's context, that
+    copy would keep the request's scope object alive for the keep-alive timeout, and with
+    it extra garbage collections on every busy server. The server's code has no use for
+    the scope, so its part of that message runs in the context the middleware was called
+    in.
+
+    The first step runs here, at the call: a server's ``send`` usually finishes without
+    waiting, and then there is nothing left to await. ``next()`` with a default also spares
+    the StopIteration exception a ``send(None)`` would raise.
+    """
+    try:
+        steps: Iterator[Any] = awaitable.__await__()
+    except AttributeError:  # a generator-based coroutine is its own iterator
+        steps = awaitable  # type: ignore[assignment]
+    yielded = context.run(next, steps, _END)
+    if yielded is _END:
+        return _DONE
+    return _resume_in(context, steps, yielded)
+
+
+@types.coroutine
+def _resume_in(context: Context, steps: Iterator[Any], yielded: Any) -> Generator[Any, Any, None]:
+    """The rest of :func:`_run_in` for a ``send`` that had to wait (flow control)."""
+    while True:
+        try:
+            yield yielded  # to the event loop: a future the server's code waits for
+        except BaseException as exc:  # cancellation included: the server's code sees it
+            try:
+                yielded = context.run(steps.throw, exc)  # type: ignore[attr-defined]
+            except StopIteration:
+                return
+        else:
+            yielded = context.run(next, steps, _END)
+        if yielded is _END:
+            return
 
 
 def dispose_at_shutdown(

@@ -1,0 +1,215 @@
+"""How SessionMiddleware forwards the app's messages to the server.
+
+The app gets the middleware's ``send``; the response's last message is run, on the
+server's side, in the context the middleware was called in (without the scope), so that a
+callback the server creates there (uvicorn's keep-alive timer) does not keep the request's
+objects alive. These tests drive the middleware with hand-written "servers": plain
+coroutines standing in for uvicorn's ``receive``/``send``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import types
+from collections.abc import Awaitable, Callable, Generator
+from contextvars import ContextVar, copy_context
+from typing import Any
+
+import pytest
+
+from sqla_context import CommitError
+from sqla_context._scope import _current, _Unit
+from sqla_context.asgi import SessionMiddleware, _Request
+
+from ..conftest import Backend, insert
+
+Message = dict[str, Any]
+
+_outer: ContextVar[str] = ContextVar("outer", default="unset")
+_inner: ContextVar[str] = ContextVar("inner", default="unset")
+
+HTTP_SCOPE: dict[str, Any] = {
+    "type": "http",
+    "asgi": {"version": "3.0", "spec_version": "2.3"},
+    "http_version": "1.1",
+    "method": "POST",
+    "path": "/",
+    "headers": [],
+}
+START: Message = {"type": "http.response.start", "status": 200, "headers": []}
+PART: Message = {"type": "http.response.body", "body": b"part;", "more_body": True}
+LAST: Message = {"type": "http.response.body", "body": b"last"}
+
+
+async def receive_nothing() -> Message:
+    return {"type": "http.request", "body": b"", "more_body": False}
+
+
+class Server:
+    """Records, for every message it is sent, what the code handling it could see."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str, str, bool]] = []
+        self.gate: asyncio.Event | None = None  # set: the last message waits for it
+        self.fail_last: BaseException | None = None
+        self.finally_ran_in_scope: bool | None = None
+        self.waiting = asyncio.Event()  # set once the last message waits for the gate
+
+    def look(self, message: Message) -> None:
+        in_scope = _current.get() is not None
+        self.seen.append((message["type"], _outer.get(), _inner.get(), in_scope))
+
+    async def send(self, message: Message) -> None:
+        self.look(message)
+        if message is not LAST:
+            return
+        try:
+            if self.gate is not None:
+                self.waiting.set()
+                await self.gate.wait()  # like a transport asking the writer to wait
+                self.look(message)
+            if self.fail_last is not None:
+                raise self.fail_last
+        finally:
+            self.finally_ran_in_scope = _current.get() is not None
+
+
+async def serve(
+    app: Any, server: Server, send: Callable[[Message], Awaitable[None]] | None = None
+) -> None:
+    """What an outer middleware plus a server do: set a context variable, call the app."""
+    _outer.set("outer")
+    await app(dict(HTTP_SCOPE), receive_nothing, send or server.send)
+
+
+def streaming_app(after_last: list[bool] | None = None) -> SessionMiddleware:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        _inner.set("inner")
+        await send(START)
+        await send(PART)
+        await send(LAST)
+        if after_last is not None:  # like a background task, after the response
+            after_last.append(_current.get() is not None)
+
+    return SessionMiddleware(app)
+
+
+async def test_the_last_message_is_handled_outside_the_scope() -> None:
+    server = Server()
+    after_last: list[bool] = []
+    await asyncio.create_task(serve(streaming_app(after_last), server))
+    assert server.seen == [
+        ("http.response.start", "outer", "inner", True),
+        ("http.response.body", "outer", "inner", True),
+        # the server's part of the last message: what the middleware's caller had set,
+        # not the scope and not what the app set
+        ("http.response.body", "outer", "unset", False),
+    ]
+    assert after_last == [True]  # the app itself still runs in its scope afterwards
+
+
+async def test_a_callback_created_for_the_last_message_does_not_hold_the_scope() -> None:
+    held: list[Any] = []
+
+    class KeepAliveServer(Server):
+        async def send(self, message: Message) -> None:
+            if message is LAST:  # uvicorn: loop.call_later(timeout, ...) copies the context
+                held.append(copy_context())
+
+    await asyncio.create_task(serve(streaming_app(), KeepAliveServer()))
+    (context,) = held
+    assert _current not in context
+    assert context[_outer] == "outer"
+
+
+async def test_a_last_message_that_has_to_wait_is_still_handled_outside_the_scope() -> None:
+    server = Server()
+    server.gate = asyncio.Event()
+    request = asyncio.create_task(serve(streaming_app(), server))
+    await server.waiting.wait()
+    assert not request.done()  # held by the server's send
+    server.gate.set()
+    await request
+    assert server.seen[2:] == [
+        ("http.response.body", "outer", "unset", False),
+        ("http.response.body", "outer", "unset", False),  # the step after the wait
+    ]
+    assert server.finally_ran_in_scope is False
+
+
+@pytest.mark.parametrize("wait", [False, True], ids=["at-once", "after-waiting"])
+async def test_an_error_sending_the_last_message_reaches_the_app(wait: bool) -> None:
+    server = Server()
+    server.fail_last = OSError("client went away")
+    if wait:
+        server.gate = asyncio.Event()
+        server.gate.set()
+    with pytest.raises(OSError, match="client went away"):
+        await asyncio.create_task(serve(streaming_app(), server))
+    assert server.finally_ran_in_scope is False
+
+
+async def test_cancelled_while_the_last_message_waits(sqlite: Backend) -> None:
+    db = sqlite.database()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send(START)
+        await insert(await db.session(), "streamed")  # after the start: committed at the end
+        await send(LAST)
+
+    server = Server()
+    server.gate = asyncio.Event()  # never set
+    request = asyncio.create_task(serve(SessionMiddleware(app), server))
+    await server.waiting.wait()
+    request.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await request
+    assert server.finally_ran_in_scope is False  # the server's code saw the cancellation
+    assert await sqlite.names() == []  # rolled back
+    assert db.engine.pool.checkedout() == 0
+
+
+async def test_a_server_send_that_is_a_generator_based_coroutine() -> None:
+    server = Server()
+
+    @types.coroutine
+    def old_style_send(message: Message) -> Generator[Any, Any, None]:
+        server.look(message)
+        yield  # one trip through the event loop
+        server.look(message)
+
+    await asyncio.create_task(serve(streaming_app(), server, old_style_send))
+    assert [entry[3] for entry in server.seen] == [True, True, True, True, False, False]
+
+
+async def test_messages_after_a_failed_commit_are_dropped(backend: Backend) -> None:
+    db = backend.database()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await backend.doom(await db.session())
+        await send(START)  # the commit fails here: the server gets a 500 instead
+        await send(LAST)  # dropped
+
+    sent: list[Message] = []
+
+    async def server_send(message: Message) -> None:
+        sent.append(message)
+
+    with pytest.raises(CommitError):
+        await SessionMiddleware(app)(dict(HTTP_SCOPE), receive_nothing, server_send)
+    assert [(m["type"], m.get("status")) for m in sent] == [
+        ("http.response.start", 500),
+        ("http.response.body", None),
+    ]
+
+
+async def test_the_request_object_sets_every_field_of_a_unit() -> None:
+    # _Request sets the _Unit fields itself (one call per request): if _Unit gains a field,
+    # this fails until _Request sets it too.
+    async def send(message: Message) -> None:
+        pass
+
+    request = _Request(lambda status: status < 400, dict(HTTP_SCOPE), receive_nothing, send)
+    plain = _Unit()
+    for name in _Unit.__slots__:
+        assert getattr(request, name) == getattr(plain, name), name
