@@ -10,6 +10,12 @@ the measured endpoint of the no-database pair); the database apps add ``GET /rea
 ``ping_mw``
     The same app with ``app.add_middleware(SessionMiddleware)``. No route opens a session,
     so this measures only what the middleware itself adds to a request.
+``ping_pass`` / ``ping_minimal``
+    References for the ``ping`` pair: the least a middleware of this kind costs. ``ping_pass``
+    adds a pure-ASGI middleware that only awaits the app; ``ping_minimal`` one that sets a
+    context variable for the request and passes every message through an ``async def send``
+    wrapper (the two things any middleware that gives each request a scope and acts before
+    the response starts must do), and nothing else.
 ``read_ctx``
     FastAPI + ``SessionMiddleware``. ``GET /read`` takes ``session = await db.session()``
     and selects one row by primary key; the middleware commits before the response starts.
@@ -42,6 +48,7 @@ import os
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from contextvars import ContextVar
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI
@@ -54,7 +61,9 @@ from sqla_context.asgi import SessionMiddleware, dispose_at_shutdown
 __all__ = [
     "ENGINE_OPTIONS",
     "items_table",
+    "ping_minimal",
     "ping_mw",
+    "ping_pass",
     "ping_plain",
     "read_ctx",
     "read_dep",
@@ -129,6 +138,40 @@ ping_plain = _app()
 
 ping_mw = _app()
 ping_mw.add_middleware(SessionMiddleware)
+
+
+class _PassThrough:
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await self.app(scope, receive, send)
+
+
+_request_var: ContextVar[object] = ContextVar("bench_request", default=None)
+
+
+class _Minimal:
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        token = _request_var.set(object())
+
+        async def forward(message: Any) -> None:
+            await send(message)
+
+        try:
+            await self.app(scope, receive, forward)
+        finally:
+            _request_var.reset(token)
+
+
+ping_pass = _app()
+ping_pass.add_middleware(_PassThrough)
+
+ping_minimal = _app()
+ping_minimal.add_middleware(_Minimal)
 
 
 # -- one-row read: sqla_context ------------------------------------------------------------

@@ -138,6 +138,26 @@ PAIRS: dict[str, Pair] = {
             None,
         ),
         Pair(
+            "floor-pass",
+            "GET /ping, reference: a middleware that only awaits the app",
+            "/ping",
+            b'"pong"',
+            ("ping_plain", "FastAPI, no middleware"),
+            ("ping_pass", "FastAPI + pass-through middleware"),
+            None,
+            None,
+        ),
+        Pair(
+            "floor-minimal",
+            "GET /ping, reference: context variable + async send wrapper, nothing else",
+            "/ping",
+            b'"pong"',
+            ("ping_plain", "FastAPI, no middleware"),
+            ("ping_minimal", "FastAPI + minimal scope middleware"),
+            None,
+            None,
+        ),
+        Pair(
             "pg",
             "GET /read, one row, PostgreSQL (asyncpg)",
             "/read",
@@ -993,7 +1013,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="wrk -t (default 1)")
     parser.add_argument(
         "--pairs",
-        default="ping,pg,sqlite,pg-inline,aa",
+        default="ping,floor-pass,floor-minimal,pg,sqlite,pg-inline,aa",
         help=f"comma-separated pairs to run, among {', '.join(PAIRS)} (default: all)",
     )
     parser.add_argument("--pg-url", default=DEFAULT_PG_URL, help="PostgreSQL URL for 'pg'")
