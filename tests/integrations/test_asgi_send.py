@@ -10,9 +10,10 @@ coroutines standing in for uvicorn's ``receive``/``send``.
 from __future__ import annotations
 
 import asyncio
+import gc
 import types
 from collections.abc import Awaitable, Callable, Generator
-from contextvars import ContextVar, copy_context
+from contextvars import Context, ContextVar, copy_context
 from typing import Any
 
 import pytest
@@ -213,3 +214,27 @@ async def test_the_request_object_sets_every_field_of_a_unit() -> None:
     plain = _Unit()
     for name in _Unit.__slots__:
         assert getattr(request, name) == getattr(plain, name), name
+
+
+async def test_a_context_kept_after_the_request_holds_nothing_of_the_server() -> None:
+    # A driver's cancelled timer or a task the app started keeps a copy of the request's
+    # context, and with it the scope object: that must not keep the server's objects alive.
+    held: list[Any] = []
+    asgi_scope = dict(HTTP_SCOPE)
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        held.append(copy_context())
+        await send(START)
+        await send(LAST)
+
+    async def server_send(message: Message) -> None:
+        pass
+
+    await asyncio.create_task(SessionMiddleware(app)(asgi_scope, receive_nothing, server_send))
+    unit = held[0][_current]
+    assert isinstance(unit, _Unit)
+    assert unit.closed
+    reachable = gc.get_referents(unit)
+    for server_object in (asgi_scope, server_send, receive_nothing):
+        assert not any(ref is server_object for ref in reachable)
+    assert not any(isinstance(ref, Context) for ref in reachable)
