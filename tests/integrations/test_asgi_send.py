@@ -205,8 +205,7 @@ async def test_messages_after_a_failed_commit_are_dropped(backend: Backend) -> N
 
 
 async def test_the_request_object_sets_every_field_of_a_unit() -> None:
-    # _Request sets the _Unit fields itself (one call per request): if _Unit gains a field,
-    # this fails until _Request sets it too.
+    # A request starts as a fresh unit: nothing of the ASGI plumbing overrides a unit field.
     async def send(message: Message) -> None:
         pass
 
