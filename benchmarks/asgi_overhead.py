@@ -22,17 +22,22 @@ variants are compared in pairs, A against B, both servers up during the whole pa
     how far from 1.00 two identical servers land on this machine, i.e. the smallest
     difference the other pairs can resolve.
 
-Method: per pair, ``--rounds`` rounds of one run per variant, interleaved, the order
-alternating between rounds (A B, B A, A B, ...) so that a slow drift of the machine hits
-both variants alike. Every round starts fresh server processes for both variants, checks
-them (the measured path must answer 200 with the expected body) and gives each one
-unrecorded warm-up run: how fast a given process runs depends a little on luck (memory
-layout, hash seeds), which one process per variant would carry into every round
-(``--same-process`` does that, for comparison). One run is ``wrk -t1 -c32
--d<duration>s`` (configurable) against one server. The report gives, per variant, the
-MEDIAN requests/s over the rounds, the min-max, the spread (max - min) / median and the
-median p50/p99 latency; per pair, the ratio of the medians B/A and the min-max of the
-per-round ratios B_i/A_i. Any non-2xx answer or socket error is counted and shown.
+Method: per pair, ``--rounds`` rounds. Every round starts fresh server processes for both
+variants, checks them (the measured path must answer 200 with the expected body) and gives
+each one unrecorded warm-up run: how fast a given process runs depends a little on luck
+(memory layout, hash seeds), which one process per variant would carry into every round
+(``--same-process`` does that, for comparison). Then both variants are loaded AT THE SAME
+TIME, each by its own ``wrk -t1 -c32 -d<duration>s`` (configurable): the two servers share
+the server CPU, so whatever else the machine does during the round slows both alike, and
+the ratio of their requests/s is the ratio of their CPU cost per request. On a shared
+machine this resolves differences of about 1 % (see the ``aa`` control), where loading one
+variant after the other (``--one-at-a-time``: one run per variant, the order alternating
+between rounds, A B, B A, ...) gave per-round ratios 10-20 % apart. The report gives, per
+variant, the MEDIAN requests/s over the rounds, the min-max, the spread (max - min) /
+median and the median p50/p99 latency; per pair, the ratio of the medians B/A and the
+min-max of the per-round ratios B_i/A_i. Any non-2xx answer or socket error is counted and
+shown. (Side by side, each server gets about half of its CPU: the absolute requests/s are
+about half of what one server alone serves, and "CPU busy" reads about 50 %.)
 
 CPU placement: on Linux with ``taskset`` and at least 2 CPUs, every uvicorn process is
 pinned to the last CPU and wrk to the first (``--no-pin`` disables this). Other processes
@@ -79,6 +84,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -211,6 +217,7 @@ class Settings:
     pin: bool
     quick: bool
     fresh: bool
+    side_by_side: bool = True
 
 
 @dataclass(frozen=True)
@@ -568,11 +575,28 @@ def _measure_round(
     settings: Settings,
     script: Path,
 ) -> None:
-    """One run per variant, the order alternating between rounds (A B, B A, ...)."""
+    """One run per variant, the order alternating between rounds (A B, B A, ...).
+
+    With ``settings.side_by_side`` both variants are loaded at the same time instead, by
+    two wrk processes: the two servers share the server CPU, so whatever the machine does
+    during the round slows both alike, and their requests/s ratio is their CPU-per-request
+    ratio.
+    """
     cpus = _cpus(settings.pin)
     wrk_cpu = cpus[1] if cpus is not None else None
-    for variant, server in targets if index % 2 == 0 else targets[::-1]:
-        run = wrk(server, pair.path, settings, settings.duration, script, wrk_cpu)
+    ordered = targets if index % 2 == 0 else targets[::-1]
+    if settings.side_by_side:
+        with ThreadPoolExecutor(len(ordered)) as pool:
+            futures = [
+                pool.submit(wrk, server, pair.path, settings, settings.duration, script, wrk_cpu)
+                for _, server in ordered
+            ]
+            runs = [future.result() for future in futures]
+    else:
+        runs = []
+        for _, server in ordered:
+            runs.append(wrk(server, pair.path, settings, settings.duration, script, wrk_cpu))
+    for (variant, _), run in zip(ordered, runs, strict=True):
         variant.runs.append(run)
         side = "A" if variant is a else "B"
         print(
@@ -853,7 +877,8 @@ def print_environment(settings: Settings) -> None:
     print(f"sqla_context {sqla_context.__version__} from {Path(sqla_context.__file__).parent}")
     print(
         f"load: wrk -t{settings.threads} -c{settings.connections}, "
-        f"{settings.rounds} interleaved rounds of {settings.duration:g} s per variant "
+        f"{settings.rounds} {'side-by-side' if settings.side_by_side else 'interleaved'} "
+        f"rounds of {settings.duration:g} s per variant "
         f"after a {settings.warmup:g} s warm-up each; 1 uvicorn worker per variant, "
         f"{'new processes every round' if settings.fresh else 'the same process for all rounds'}"
         f"; {placement}"
@@ -952,7 +977,11 @@ def print_report(results: list[Result], direct: list[Direct], settings: Settings
     if known:
         print(
             f"server CPU busy per run: min {min(known):.0%}, median {statistics.median(known):.0%}"
-            " (a run well below 100 % was starved of CPU by other processes)"
+            + (
+                " (side by side: the two servers of a pair share one CPU, ~50 % each)"
+                if settings.side_by_side
+                else " (a run well below 100 % was starved of CPU by other processes)"
+            )
         )
     mode = "QUICK smoke run, do not quote these numbers" if settings.quick else "full run"
     print(f"{mode}; load average at the end {os.getloadavg()[0]:.2f}")
@@ -1008,7 +1037,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 s runs, 3 rounds")
     parser.add_argument("--duration", type=float, help="seconds per run (default 10)")
     parser.add_argument("--warmup", type=float, help="seconds of warm-up per variant (default 5)")
-    parser.add_argument("--rounds", type=int, help="interleaved rounds per pair (default 7)")
+    parser.add_argument("--rounds", type=int, help="rounds per pair (default 7)")
     parser.add_argument("--connections", type=int, default=32, help="wrk -c (default 32)")
     parser.add_argument("--threads", type=int, default=1, help="wrk -t (default 1)")
     parser.add_argument(
@@ -1022,6 +1051,11 @@ def main(argv: list[str] | None = None) -> int:
         "--same-process",
         action="store_true",
         help="keep one server process per variant for all rounds (default: new ones per round)",
+    )
+    parser.add_argument(
+        "--one-at-a-time",
+        action="store_true",
+        help="load one variant after the other (default: both at the same time, sharing a CPU)",
     )
     parser.add_argument(
         "--no-in-process", action="store_true", help="skip the in-process timing of the apps"
@@ -1047,6 +1081,7 @@ def main(argv: list[str] | None = None) -> int:
         pin=not args.no_pin,
         quick=args.quick,
         fresh=not args.same_process,
+        side_by_side=not args.one_at_a_time,
     )
     if str(ROOT) not in sys.path:  # for ``benchmarks.asgi_apps``, also when run by path
         sys.path.insert(0, str(ROOT))
