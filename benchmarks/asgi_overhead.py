@@ -217,7 +217,7 @@ class Settings:
     pin: bool
     quick: bool
     fresh: bool
-    side_by_side: bool = True
+    side_by_side: bool
 
 
 @dataclass(frozen=True)
@@ -575,12 +575,12 @@ def _measure_round(
     settings: Settings,
     script: Path,
 ) -> None:
-    """One run per variant, the order alternating between rounds (A B, B A, ...).
+    """One run per variant of ``targets``, appended to that variant's runs.
 
-    With ``settings.side_by_side`` both variants are loaded at the same time instead, by
-    two wrk processes: the two servers share the server CPU, so whatever the machine does
+    With ``settings.side_by_side`` (the default) both variants are loaded at the same time,
+    by two wrk processes: the two servers share the server CPU, so whatever the machine does
     during the round slows both alike, and their requests/s ratio is their CPU-per-request
-    ratio.
+    ratio. Otherwise one after the other, the order alternating between rounds (A B, B A).
     """
     cpus = _cpus(settings.pin)
     wrk_cpu = cpus[1] if cpus is not None else None
