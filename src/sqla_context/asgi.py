@@ -63,6 +63,7 @@ from contextvars import Context, copy_context
 from typing import TYPE_CHECKING, Any, Literal
 
 from ._scope import _current, _Unit, check_choice, settle
+from ._typing import CommitMode, SessionHook
 
 if TYPE_CHECKING:
     from ._database import Database
@@ -140,7 +141,7 @@ class SessionMiddleware:
         if active is not None and not active.closed:  # its owner commits and closes
             await self.app(scope, receive, send)
             return
-        request = _Request(self.commit_on, scope, receive, send)
+        request = _new_request(self.commit_on, scope, receive, send)
         token = _current.set(request)
         try:
             await self.app(scope, request.receive, request.send)
@@ -152,7 +153,7 @@ class SessionMiddleware:
             # here, unless the client hung up first. An HTTP app that returned without
             # starting a response gets rolled back.
             if request.sessions:
-                failed = request.disconnected or (kind == "http" and not request.started)
+                failed = request.disconnected or (kind == "http" and not request.stage)
                 await settle(request, failed=failed)
             request.closed = True
         finally:
@@ -161,8 +162,12 @@ class SessionMiddleware:
             # started). Let go of the server's objects, so that such a copy keeps only a
             # small object alive, not the scope, the server's request state and the app's
             # per-request objects (on a busy server they would all reach the older GC
-            # generations and make the collections much more frequent).
-            del request.scope, request.server_receive, request.server_send, request.entry_context
+            # generations and make the collections much more frequent). Assignments, not
+            # del: cheaper, and a late call gets a clear error instead of an AttributeError.
+            request.scope = _NO_SCOPE
+            request.server_receive = _receive_after_return
+            request.server_send = _send_after_return
+            request.entry_context = _NO_CONTEXT
             # ValueError: reset from another context; the unit is closed either way. (Not
             # contextlib.suppress: this runs on every request, and it costs an object.)
             try:  # noqa: SIM105
@@ -171,58 +176,60 @@ class SessionMiddleware:
                 pass
 
 
+# Where a request is in its response, in _Request.stage.
+_NOT_STARTED, _STARTED, _COMPLETE = 0, 1, 2
+
+
 class _Request(_Unit):
     """The scope of one request (a :class:`_Unit`) and the ASGI plumbing around the app.
 
     One object per request, because this runs on every request: its bound methods are the
-    ``receive`` and ``send`` the app gets.
+    ``receive`` and ``send`` the app gets. Made by :func:`_new_request`, not by calling the
+    class: a Python ``__init__`` called from C costs more than the whole assignment list.
     """
 
     __slots__ = (
-        "answered_500",
         "commit_on",
-        "complete",
         "disconnected",
         "entry_context",
         "scope",
         "server_receive",
         "server_send",
-        "started",
+        "stage",
     )
 
-    def __init__(
-        self, commit_on: Callable[[int], bool], scope: Scope, receive: Receive, send: Send
-    ) -> None:
-        _Unit.__init__(self)  # not super(): this runs on every request, and super() costs more
-        self.commit_on = commit_on
-        self.scope = scope
-        self.server_receive = receive
-        self.server_send = send
-        # The context as the server (and the middlewares outside this one) made it, before
-        # the scope was set in it: see _run_in().
-        self.entry_context = copy_context()
-        self.started = self.complete = self.disconnected = self.answered_500 = False
+    commit_on: Callable[[int], bool]
+    disconnected: bool
+    entry_context: Context
+    scope: Scope
+    server_receive: Receive
+    server_send: Send
+    stage: int
+
+    # The unit fields a request never changes, as class attributes (no per-request store).
+    commit: CommitMode = "auto"
+    before_commit: SessionHook | None = None
+    after_commit: SessionHook | None = None
 
     async def receive(self) -> Message:
         message = await self.server_receive()
         # A hang-up seen before the response is complete means the client will never know
         # the outcome: roll back. (After completion, servers report a disconnect as normal.)
-        if message["type"] == "http.disconnect" and not self.complete:
+        if message["type"] == "http.disconnect" and self.stage != _COMPLETE:
             self.disconnected = True
         return message
 
     def send(self, message: Message) -> Awaitable[None]:
-        # Not a coroutine function, and no call of another method on the common path:
+        # Not a coroutine function, and no call of a Python function on the common path:
         # every message of every request goes through here.
-        if self.answered_500:
-            return _DONE  # the app's own response would follow our 500: drop it
         msg_type = message["type"]
         if msg_type == "http.response.body":
             if not message.get("more_body", False):
-                self.complete = True
+                self.stage = _COMPLETE
+                # The last message: the server's part runs in the entry context (_run_in).
                 return _run_in(self.entry_context, self.server_send(message))
-        elif msg_type == "http.response.start" and not self.started:
-            self.started = True
+        elif msg_type == "http.response.start" and self.stage == _NOT_STARTED:
+            self.stage = _STARTED
             if self.sessions:  # a request that used no database pays no await here
                 return self._end_then_start(message)
         return self.server_send(message)
@@ -234,17 +241,52 @@ class _Request(_Unit):
             commit = self.commit_on(status) and not self.disconnected
             await settle(self, failed=not commit, keep_open=True)
         except Exception:
-            self.answered_500 = True
+            server_send = self.server_send
+            self.server_send = _drop  # the app's own response would follow our 500
             _log.error(
                 "commit failed for %s %s; answering 500 instead of %s",
                 self.scope.get("method"),
                 self.scope.get("path"),
                 status,
             )
-            await self.server_send(_START_500)
-            await self.server_send({"type": "http.response.body", "body": _BODY_500})
+            await server_send(_START_500)
+            await server_send({"type": "http.response.body", "body": _BODY_500})
             raise
         await self.server_send(start)
+
+
+def _new_request(
+    commit_on: Callable[[int], bool], scope: Scope, receive: Receive, send: Send
+) -> _Request:
+    """A fresh :class:`_Request`: a new, empty unit around the server's ``receive``/``send``."""
+    request: _Request = _object_new(_Request)
+    request.sessions = {}
+    request.locks = None
+    request.closed = request.disconnected = False
+    request.stage = _NOT_STARTED
+    request.commit_on = commit_on
+    request.scope = scope
+    request.server_receive = receive
+    request.server_send = send
+    # The context as the server (and the middlewares outside this one) made it, before
+    # the scope was set in it: see _run_in().
+    request.entry_context = copy_context()
+    return request
+
+
+_object_new = object.__new__
+
+# What a request holds once its app call has returned, in place of the server's objects.
+_NO_SCOPE: Scope = types.MappingProxyType({})  # type: ignore[assignment]
+_NO_CONTEXT = Context()
+
+
+async def _receive_after_return() -> Message:
+    raise RuntimeError("receive() called after the ASGI app call returned")
+
+
+def _send_after_return(message: Message) -> Awaitable[None]:
+    raise RuntimeError(f"send({message.get('type')!r}) called after the ASGI app call returned")
 
 
 class _Done:
@@ -252,12 +294,23 @@ class _Done:
 
     __slots__ = ()
 
-    def __await__(self) -> Generator[Any, Any, None]:
-        return iter(())  # type: ignore[return-value]  # an exhausted iterator ends the await
+    if TYPE_CHECKING:
+
+        def __await__(self) -> Generator[Any, Any, None]: ...
+
+    else:
+        # A C function, not a Python method: awaiting runs no Python frame. It returns an
+        # iterator that is already exhausted, which ends the await at once.
+        __await__ = ().__iter__
 
 
 _DONE = _Done()
 _END = object()
+
+
+def _drop(message: Message) -> Awaitable[None]:
+    """A ``send`` that discards the message (the app's response after our 500)."""
+    return _DONE
 
 
 def _run_in(context: Context, awaitable: Awaitable[None]) -> Awaitable[None]:

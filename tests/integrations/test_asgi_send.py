@@ -20,7 +20,7 @@ import pytest
 
 from sqla_context import CommitError
 from sqla_context._scope import _current, _Unit
-from sqla_context.asgi import SessionMiddleware, _Request
+from sqla_context.asgi import _NO_CONTEXT, SessionMiddleware, _new_request
 
 from ..conftest import Backend, insert
 
@@ -209,7 +209,7 @@ async def test_the_request_object_sets_every_field_of_a_unit() -> None:
     async def send(message: Message) -> None:
         pass
 
-    request = _Request(lambda status: status < 400, dict(HTTP_SCOPE), receive_nothing, send)
+    request = _new_request(lambda status: status < 400, dict(HTTP_SCOPE), receive_nothing, send)
     plain = _Unit()
     for name in _Unit.__slots__:
         assert getattr(request, name) == getattr(plain, name), name
@@ -236,4 +236,24 @@ async def test_a_context_kept_after_the_request_holds_nothing_of_the_server() ->
     reachable = gc.get_referents(unit)
     for server_object in (asgi_scope, server_send, receive_nothing):
         assert not any(ref is server_object for ref in reachable)
-    assert not any(isinstance(ref, Context) for ref in reachable)
+    # The only context left is an empty one shared by all requests, not the server's.
+    assert all(ref is _NO_CONTEXT for ref in reachable if isinstance(ref, Context))
+    assert list(_NO_CONTEXT.items()) == []
+
+
+async def test_send_or_receive_after_the_app_returned_is_a_clear_error() -> None:
+    kept: dict[str, Any] = {}
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        kept.update(receive=receive, send=send)
+        await send(START)
+        await send(LAST)
+
+    async def server_send(message: Message) -> None:
+        pass
+
+    await SessionMiddleware(app)(dict(HTTP_SCOPE), receive_nothing, server_send)
+    with pytest.raises(RuntimeError, match=r"send\('http.response.body'\) called after"):
+        await kept["send"](LAST)
+    with pytest.raises(RuntimeError, match=r"receive\(\) called after"):
+        await kept["receive"]()
