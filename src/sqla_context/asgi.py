@@ -220,8 +220,8 @@ class _Request(_Unit):
         return message
 
     def send(self, message: Message) -> Awaitable[None]:
-        # Not a coroutine function, and no call of a Python function on the common path:
-        # every message of every request goes through here.
+        # Not a coroutine function: every message of every request goes through here, and
+        # most need nothing but the server's own coroutine (no coroutine of ours around it).
         msg_type = message["type"]
         if msg_type == "http.response.body":
             if not message.get("more_body", False):
