@@ -7,7 +7,7 @@ import logging
 
 import pytest
 from sqlalchemy import String, text
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, InvalidRequestError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -429,3 +429,30 @@ async def test_connection_of_a_failed_commit_is_not_reused_dirty(backend: Backen
             await db.commit()
         await insert(session, "after-direct-commit-failure")
     assert await backend.names() == ["after-direct-commit-failure", "next"]
+
+
+async def test_session_still_in_use_at_exit_is_closed_once_free(
+    backend: Backend, caplog: pytest.LogCaptureFixture
+) -> None:
+    # gather() over the scope's one session (a user error): the first failure ends the
+    # gather while another call is still checking out a connection, so the scope's close()
+    # is refused. The connection must still go back to the pool once that call is over.
+    from sqla_context._scope import _in_flight
+
+    db = backend.database()
+
+    async def query() -> None:
+        await (await db.session()).execute(text("SELECT 1"))
+
+    calls: list[asyncio.Future[None]] = []
+    with caplog.at_level(logging.WARNING, logger="sqla_context"):
+        with pytest.raises(InvalidRequestError, match="concurrent operations"):
+            async with scope():
+                calls.extend(asyncio.ensure_future(query()) for _ in range(3))
+                await asyncio.gather(*calls)
+        assert "still in use by another task" in caplog.text
+        closing = list(_in_flight)
+        assert closing, "the close was not retried"
+        await asyncio.wait_for(asyncio.gather(*closing, *calls, return_exceptions=True), 10)
+    assert db.engine.pool.checkedout() == 0
+    assert "not closed" not in caplog.text

@@ -7,9 +7,11 @@ import contextlib
 import functools
 import inspect
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from contextvars import ContextVar, Token
-from typing import TYPE_CHECKING, get_args
+from typing import TYPE_CHECKING, Any, get_args
+
+from sqlalchemy.exc import IllegalStateChangeError
 
 from ._typing import CommitMode, NestedMode, P, R, SessionHook
 from .exceptions import CommitError, ConfigurationError, NestedScopeError
@@ -131,18 +133,66 @@ async def _finish(
                     hook_failure = hook_failure or exc
     finally:
         # Closing rolls back whatever was not committed and returns the connection. A failing
-        # close is logged and never stops the others from closing.
+        # close never stops the others from closing; it is retried in the background.
         for db, session in sessions:
             try:
                 await session.close()
+            except IllegalStateChangeError:
+                # Another task is still in an operation on this session (code that gather()s
+                # over the scope's one session): close it once that is over.
+                _log.warning(
+                    "the session of database %r is still in use by another task (one session"
+                    " must not run two operations at once); closing it in the background",
+                    db.name,
+                    exc_info=True,
+                )
+                _in_background(_close_later(db, session))
+                continue
             except Exception:
                 _log.warning("closing the session of database %r failed", db.name, exc_info=True)
-            finally:
-                await db._release(session)
+            await db._release(session)
     if commit_failure is not None:
         raise commit_failure
     if hook_failure is not None:
         raise hook_failure
+
+
+async def _close_later(db: Database, session: AsyncSession) -> None:
+    """Close ``session`` once no other task is in an operation on it (up to ``_FINISH_TIMEOUT``).
+
+    ``close()`` refuses while another task is still in an operation on the session (code
+    that ``gather()``s over the scope's one session: the first error ends the gather, not
+    the other calls). SQLAlchemy signals no end of that operation, so this retries, backing
+    off, and the connection goes back to the pool once the stray operation is over.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + _FINISH_TIMEOUT
+    delay = 0.01
+    try:
+        while True:
+            await asyncio.sleep(delay)
+            try:
+                await session.close()
+                return
+            except IllegalStateChangeError:
+                if loop.time() < deadline:
+                    delay = min(delay * 2, 0.5)
+                    continue
+                message = "the session of database %r stayed in use for %ss; not closed"
+            except Exception:
+                message = "closing the session of database %r failed (after %ss at most)"
+            _log.error(message, db.name, _FINISH_TIMEOUT, exc_info=True)
+            return
+    finally:
+        await db._release(session)
+
+
+def _in_background(coroutine: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+    """Run ``coroutine`` in a task that is kept referenced until it is done."""
+    task = asyncio.ensure_future(coroutine)
+    _in_flight.add(task)
+    task.add_done_callback(_in_flight.discard)
+    return task
 
 
 async def settle(unit: _Unit, *, failed: bool, keep_open: bool = False) -> None:
@@ -165,9 +215,7 @@ async def settle(unit: _Unit, *, failed: bool, keep_open: bool = False) -> None:
     sessions = list(unit.sessions.items())
     unit.sessions.clear()
     commit = unit.commit == "always" or (unit.commit == "auto" and not failed)
-    task = asyncio.ensure_future(_finish(unit, sessions, commit=commit))
-    _in_flight.add(task)
-    task.add_done_callback(_in_flight.discard)
+    task = _in_background(_finish(unit, sessions, commit=commit))
     try:
         await asyncio.shield(task)
         return
