@@ -135,6 +135,7 @@ async def _finish(
         # Closing rolls back whatever was not committed and returns the connection. A failing
         # close never stops the others from closing; it is retried in the background.
         for db, session in sessions:
+            later = False
             try:
                 await session.close()
             except IllegalStateChangeError:
@@ -146,11 +147,13 @@ async def _finish(
                     db.name,
                     exc_info=True,
                 )
+                later = True
                 _in_background(_close_later(db, session))
-                continue
             except Exception:
                 _log.warning("closing the session of database %r failed", db.name, exc_info=True)
-            await db._release(session)
+            finally:
+                if not later:
+                    await db._release(session)
     if commit_failure is not None:
         raise commit_failure
     if hook_failure is not None:
@@ -178,11 +181,16 @@ async def _close_later(db: Database, session: AsyncSession) -> None:
                 if loop.time() < deadline:
                     delay = min(delay * 2, 0.5)
                     continue
-                message = "the session of database %r stayed in use for %ss; not closed"
+                _log.error(
+                    "the session of database %r stayed in use for %ss; not closed",
+                    db.name,
+                    _FINISH_TIMEOUT,
+                    exc_info=True,
+                )
+                return
             except Exception:
-                message = "closing the session of database %r failed (after %ss at most)"
-            _log.error(message, db.name, _FINISH_TIMEOUT, exc_info=True)
-            return
+                _log.error("closing the session of database %r failed", db.name, exc_info=True)
+                return
     finally:
         await db._release(session)
 
