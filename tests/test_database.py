@@ -63,9 +63,9 @@ def test_public_names_are_documented() -> None:
         assert getattr(Database, name).__doc__, f"Database.{name} has no docstring"
 
 
-def test_construction_does_no_io_and_creates_no_engine() -> None:
+def test_construction_does_no_io() -> None:
     db = Database("postgresql+asyncpg://user:secret@db.invalid:1/app")
-    assert db._engine is None
+    assert db.engine.pool.checkedin() + db.engine.pool.checkedout() == 0  # never connected
     assert db.url == make_url("postgresql+asyncpg://user:secret@db.invalid:1/app")
 
 
@@ -87,10 +87,36 @@ def test_url_and_factory_are_exclusive() -> None:
 
 
 def test_bad_url_fails_at_construction() -> None:
-    from sqlalchemy.exc import ArgumentError
-
-    with pytest.raises(ArgumentError):
+    with pytest.raises(ConfigurationError, match="cannot parse"):
         Database("not a url")
+    with pytest.raises(ConfigurationError, match="cannot parse"):
+        Database("postgresql+asyncpg://user@host:port/db")  # a malformed port
+
+
+@pytest.mark.parametrize(
+    ("url", "options", "message"),
+    [
+        ("postgresql+nosuchdriver://h/db", {}, "has no dialect or driver"),
+        ("mysql+aiomysql://h/db", {}, r"not installed: pip install aiomysql"),
+        ("sqlite:///file.db", {}, "not an async driver"),
+        ("sqlite+aiosqlite://", {"pool_szie": 3}, "invalid engine_options.*pool_szie"),
+    ],
+    ids=["unknown-driver", "missing-driver", "sync-driver", "misspelt-option"],
+)
+def test_configuration_errors_fail_at_construction(
+    url: str, options: dict[str, object], message: str
+) -> None:
+    with pytest.raises(ConfigurationError, match=message):
+        Database(url, engine_options=options)
+
+
+def test_hooks_must_be_callable() -> None:
+    for option in ("before_session", "before_commit", "after_commit", "engine_factory"):
+        with pytest.raises(ConfigurationError, match=f"{option} must be"):
+            if option == "engine_factory":
+                Database(engine_factory="not callable")  # type: ignore[arg-type]
+            else:
+                Database("sqlite+aiosqlite://", **{option: "not callable"})  # type: ignore[arg-type]
 
 
 def test_session_options_are_checked_at_construction() -> None:
@@ -110,9 +136,8 @@ async def test_expire_on_commit_defaults_to_false(sqlite: Backend) -> None:
     assert other.sessionmaker.kw["expire_on_commit"] is True
 
 
-async def test_engine_is_lazy_and_options_are_applied(backend: Backend) -> None:
+async def test_engine_is_made_once_and_options_are_applied(backend: Backend) -> None:
     db = backend.database(engine_options={"pool_size": 3, "max_overflow": 0})
-    assert db._engine is None
     engine = db.engine
     assert engine is db.engine, "one engine, created once"
     assert engine.pool.size() == 3  # type: ignore[attr-defined]

@@ -26,13 +26,6 @@ def test_import_pulls_in_no_framework_and_no_driver() -> None:
         assert leaked == [], f"{statement} imported {leaked}"
 
 
-def test_creating_a_database_imports_no_driver() -> None:
-    loaded = imported_after(
-        "from sqla_context import Database; Database('postgresql+asyncpg://u:p@h/db')"
-    )
-    assert "asyncpg" not in loaded
-
-
 def test_ships_py_typed() -> None:
     assert files("sqla_context").joinpath("py.typed").is_file()
 

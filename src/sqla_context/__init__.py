@@ -8,6 +8,7 @@ from ._transaction import TransactionBlock
 from .exceptions import (
     CommitError,
     ConfigurationError,
+    EventLoopError,
     LeakError,
     NestedScopeError,
     NoScopeError,
@@ -26,6 +27,7 @@ __all__ = [
     "CommitError",
     "ConfigurationError",
     "Database",
+    "EventLoopError",
     "LeakError",
     "NestedScopeError",
     "NoScopeError",

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import threading
+from asyncio import get_running_loop
 from collections.abc import AsyncIterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import URL, Connection, event, make_url
+from sqlalchemy.exc import ArgumentError, InvalidRequestError, NoSuchModuleError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -16,14 +19,49 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
-from ._scope import _current, _Unit, commit_session, settle
+from ._scope import _current, _Unit, check_hook, commit_session
 from ._transaction import TransactionBlock
-from .exceptions import ConfigurationError, NoScopeError, ScopeClosedError
+from .exceptions import ConfigurationError, EventLoopError, NoScopeError, ScopeClosedError
 
 if TYPE_CHECKING:
     from ._typing import BeforeSessionHook, EngineFactory, ExistingMode, SessionHook
 
 __all__ = ["Database"]
+
+_log = logging.getLogger("sqla_context")
+
+#: The extra that installs each async driver SQLAlchemy knows, for error messages.
+_EXTRAS = {"asyncpg": "postgres", "psycopg": "psycopg", "aiosqlite": "sqlite", "asyncmy": "mysql"}
+
+
+def _engine_from_url(url: URL, options: Mapping[str, Any]) -> AsyncEngine:
+    """``create_async_engine(url, **options)``, with errors that say what to change.
+
+    No I/O: an engine connects on first use. Done when the Database is created, so that a
+    wrong driver, a missing driver package or a misspelt option fails at start-up.
+    """
+    try:
+        return create_async_engine(url, **options)
+    except NoSuchModuleError:
+        raise ConfigurationError(
+            f"SQLAlchemy has no dialect or driver {url.drivername!r}. Use an async driver, "
+            "e.g. 'postgresql+asyncpg://', 'postgresql+psycopg://', 'sqlite+aiosqlite://', "
+            "'mysql+asyncmy://'."
+        ) from None
+    except ImportError as exc:
+        module = (exc.name or "").partition(".")[0] or str(exc)
+        extra = _EXTRAS.get(module)
+        fix = f"pip install 'sqla-context[{extra}]'" if extra else f"pip install {module}"
+        raise ConfigurationError(
+            f"the driver {module!r} for {url.drivername!r} URLs is not installed: {fix}"
+        ) from exc
+    except InvalidRequestError as exc:  # a sync driver, e.g. postgresql+psycopg2://
+        raise ConfigurationError(
+            f"{url.drivername!r} is not an async driver ({exc}); use e.g. "
+            "'postgresql+asyncpg://', 'sqlite+aiosqlite://' or 'mysql+asyncmy://'"
+        ) from None
+    except (TypeError, ArgumentError) as exc:
+        raise ConfigurationError(f"invalid engine_options: {exc}") from None
 
 
 def _let_sqlalchemy_begin(engine: AsyncEngine) -> None:
@@ -41,10 +79,15 @@ def _let_sqlalchemy_begin(engine: AsyncEngine) -> None:
 class Database:
     """One database: its engine (created on first need) and the scope's session for it.
 
-    Creating a ``Database`` does no I/O and creates no engine; create it at import time,
-    next to your models. The engine and its pool are built the first time they are needed,
-    exactly once even when many tasks or threads ask at the same moment, and live until
-    :meth:`dispose`.
+    Creating a ``Database`` does no I/O; create it at import time, next to your models. It
+    builds the engine from ``url`` at once (an engine connects only on first use), so that
+    an unknown driver, a driver package that is not installed or a misspelt
+    ``engine_options`` key fails here, not at the first request. The engine and its pool
+    live until :meth:`dispose`; an ``engine_factory`` is called the first time the engine
+    is needed, exactly once even when many tasks or threads ask at the same moment.
+
+    A Database serves one event loop at a time. Used from a new loop after the old one
+    has stopped (two ``asyncio.run()`` calls), it starts a fresh connection pool.
 
     Args:
         url: the database URL, as a string or ``sqlalchemy.URL`` (parsed at once, so a
@@ -79,9 +122,11 @@ class Database:
             keeps the driver's behaviour.
 
     Raises:
-        ConfigurationError: neither or both of ``url`` and ``engine_factory``, or a
-            ``session_options`` key that ``AsyncSession`` does not accept.
-        sqlalchemy.exc.ArgumentError: ``url`` cannot be parsed.
+        ConfigurationError: neither or both of ``url`` and ``engine_factory``; a ``url``
+            that cannot be parsed, names an unknown or sync driver, or a driver that is not
+            installed (the message names the extra to install); an ``engine_options`` or
+            ``session_options`` key that SQLAlchemy does not accept; a hook that is not
+            callable.
     """
 
     __slots__ = (
@@ -90,8 +135,10 @@ class Database:
         "_engine",
         "_factory",
         "_lock",
+        "_loop",
         "_name",
         "_retired",
+        "_scope_options",
         "_sessionmaker",
         "_sqlite_begin",
         "_url",
@@ -118,7 +165,18 @@ class Database:
     ) -> None:
         if (url is None) == (engine_factory is None):
             raise ConfigurationError("Database() needs exactly one of `url` and `engine_factory`")
-        self._url: URL | None = make_url(url) if url is not None else None
+        if engine_factory is not None and not callable(engine_factory):
+            raise ConfigurationError(f"engine_factory must be callable, got {engine_factory!r}")
+        for option, hook in (
+            ("before_session", before_session),
+            ("before_commit", before_commit),
+            ("after_commit", after_commit),
+        ):
+            check_hook(option, hook)
+        try:
+            self._url: URL | None = make_url(url) if url is not None else None
+        except (ArgumentError, ValueError) as exc:
+            raise ConfigurationError(f"cannot parse the database URL: {exc}") from None
         self._factory = engine_factory
         self.engine_options: dict[str, Any] = dict(engine_options or {})
         options = {"expire_on_commit": False, **(session_options or {})}
@@ -131,6 +189,9 @@ class Database:
         except TypeError as exc:
             raise ConfigurationError(f"invalid session_options: {exc}") from None
         self.session_options: dict[str, Any] = options
+        # Sessions this library ends are closed for good: one kept past its scope's end
+        # raises when used again instead of silently opening a transaction nobody ends.
+        self._scope_options = {} if "close_resets_only" in options else {"close_resets_only": False}
         self._name = name
         self.before_session = before_session
         self.before_commit = before_commit
@@ -145,6 +206,10 @@ class Database:
         self._users: dict[AsyncEngine, int] = {}
         self._retired: set[AsyncEngine] = set()
         self._lock = threading.Lock()
+        # The event loop the pool's connections belong to (set on first use).
+        self._loop: asyncio.AbstractEventLoop | None = None
+        if self._url is not None:
+            self._install(_engine_from_url(self._url, self.engine_options))
 
     # -- identity --------------------------------------------------------------------------
 
@@ -172,11 +237,14 @@ class Database:
 
     @property
     def engine(self) -> AsyncEngine:
-        """The current ``AsyncEngine``, created on first access (also after :meth:`dispose`)."""
-        engine = self._engine
-        if engine is None:
-            engine, _ = self._create_engine()
-        return engine
+        """The current ``AsyncEngine``, created on first access (also after :meth:`dispose`).
+
+        Raises:
+            EventLoopError: the engine's connections belong to an event loop that is still
+                running in another thread.
+        """
+        with self._lock:  # threads too: an app and its TestClient may race here
+            return self._current_locked()[0]
 
     @property
     def sessionmaker(self) -> async_sessionmaker[AsyncSession]:
@@ -184,50 +252,79 @@ class Database:
 
         Sessions made from it are yours to close; they are not part of any scope.
         """
-        maker = self._bound_maker or self._sessionmaker
-        if maker is None:
-            _, maker = self._create_engine()
-        return maker
+        with self._lock:
+            return self._bound_maker or self._current_locked()[1]
 
-    def _create_engine(self) -> tuple[AsyncEngine, async_sessionmaker[AsyncSession]]:
-        # Returns the pair it made or found under the lock: re-reading the attributes after
-        # the lock is released could see a concurrent dispose() clear them.
-        with self._lock:  # threads too: an app and its TestClient may race here
-            if self._engine is None:
-                if self._url is not None:
-                    engine = create_async_engine(self._url, **self.engine_options)
-                    if self._sqlite_begin and engine.dialect.name == "sqlite":
-                        _let_sqlalchemy_begin(engine)
-                else:
-                    assert self._factory is not None
-                    engine = self._factory()
-                    if not isinstance(engine, AsyncEngine):
-                        raise ConfigurationError(
-                            "engine_factory must return an AsyncEngine, "
-                            f"got {type(engine).__name__}"
-                        )
-                self._sessionmaker = async_sessionmaker(engine, **self.session_options)
-                self._engine = engine
-            assert self._sessionmaker is not None
-            return self._engine, self._sessionmaker
+    def _current_locked(self) -> tuple[AsyncEngine, async_sessionmaker[AsyncSession]]:
+        """The engine and its session factory, made if needed; call with ``_lock`` held."""
+        self._check_loop_locked()
+        if self._engine is None:
+            if self._url is not None:
+                self._install(_engine_from_url(self._url, self.engine_options))
+            else:
+                assert self._factory is not None
+                engine = self._factory()
+                if not isinstance(engine, AsyncEngine):
+                    raise ConfigurationError(
+                        f"engine_factory must return an AsyncEngine, got {type(engine).__name__}"
+                    )
+                self._install(engine)
+        assert self._engine is not None
+        assert self._sessionmaker is not None
+        return self._engine, self._sessionmaker
+
+    def _install(self, engine: AsyncEngine) -> None:
+        if self._sqlite_begin and self._factory is None and engine.dialect.name == "sqlite":
+            _let_sqlalchemy_begin(engine)
+        self._sessionmaker = async_sessionmaker(engine, **self.session_options)
+        self._engine = engine
+
+    def _check_loop_locked(self) -> None:
+        """Follow the running event loop: a pool serves the loop its connections belong to."""
+        loop = asyncio._get_running_loop()
+        if loop is None or loop is self._loop:
+            return
+        old, self._loop = self._loop, loop
+        if old is None:
+            return
+        if old.is_running():
+            self._loop = old
+            raise EventLoopError(self.name)
+        # The old loop has stopped: its connections cannot be closed from this one. Start
+        # fresh pools (same engines, listeners and options); the server ends the old
+        # connections' sessions when their sockets are collected.
+        for engine in (self._engine, *self._retired):
+            if engine is not None:
+                engine.sync_engine.dispose(close=False)
+        self._users.clear()
+        self._retired.clear()
 
     async def switch_url(self, url: str | URL) -> None:
         """Point new sessions at ``url`` (primary failover, replica rotation).
 
         Sessions already open finish on the old engine, which is disposed once the last of
-        them has closed. The new engine is created lazily with ``engine_options``. Switching
-        to the URL already in use does nothing, so a ``before_session`` hook may call this on
-        every session.
+        them has closed. The new engine is created at once with ``engine_options`` (no
+        I/O). Switching to the URL already in use does nothing (an ``engine_factory``
+        engine is kept, with its listeners and pool settings), so a ``before_session``
+        hook may call this on every session.
 
         Raises:
-            sqlalchemy.exc.ArgumentError: ``url`` cannot be parsed.
+            ConfigurationError: ``url`` cannot be parsed, or names an unusable driver.
         """
-        new_url = make_url(url)
+        try:
+            new_url = make_url(url)
+        except (ArgumentError, ValueError) as exc:
+            raise ConfigurationError(f"cannot parse the database URL: {exc}") from None
         with self._lock:
-            if new_url == self._url:
+            current = self._url
+            if current is None:  # engine_factory: its engine's URL is the one in use
+                current = self._current_locked()[0].url
+            if new_url == current:
                 return
-            old, self._engine, self._sessionmaker = self._engine, None, None
-            self._url, self._factory = new_url, None
+            engine = _engine_from_url(new_url, self.engine_options)
+            old = self._engine
+            self._factory, self._url = None, new_url
+            self._install(engine)
             dispose_now = old is not None and old not in self._users
             if old is not None and not dispose_now:
                 self._retired.add(old)
@@ -238,15 +335,25 @@ class Database:
     async def dispose(self) -> None:
         """Dispose the engine and close its pooled connections; call it at shutdown.
 
-        Safe to call twice. Using the Database afterwards creates a fresh engine. Sessions
-        still open keep their connection until they close; it is then discarded.
+        Safe to call twice. Using the Database afterwards creates a fresh engine. An engine
+        that scope sessions still use (requests still running) is disposed when the last
+        of them closes; connections of sessions you made yourself from
+        :attr:`sessionmaker` and never closed are not closed by it.
         """
         with self._lock:
             engines = [e for e in (self._engine, *self._retired) if e is not None]
             self._engine = self._sessionmaker = None
             self._retired.clear()
-        for engine in engines:
-            await engine.dispose()
+            now = [e for e in engines if e not in self._users]
+            self._retired.update(e for e in engines if e in self._users)
+        failure: Exception | None = None
+        for engine in now:  # one failing dispose() must not keep the others open
+            try:
+                await engine.dispose()
+            except Exception as exc:
+                failure = failure or exc
+        if failure is not None:
+            raise failure
 
     async def __aenter__(self) -> Database:
         """``async with db:`` returns ``db`` and disposes its engine when the block ends.
@@ -259,10 +366,14 @@ class Database:
         await self.dispose()
 
     def _open_session(self) -> AsyncSession:
-        session = self.sessionmaker()
-        engine = session.bind
-        if isinstance(engine, AsyncEngine):  # not a test's connection (sqla_context.testing)
-            with self._lock:
+        # Under the lock from reading the factory to counting the engine's users: a
+        # switch_url() or dispose() in another thread must not dispose the engine of a
+        # session being opened.
+        with self._lock:
+            maker = self._bound_maker or self._current_locked()[1]
+            session = maker(**self._scope_options)
+            engine = session.bind
+            if isinstance(engine, AsyncEngine):  # not a test's connection (sqla_context.testing)
                 self._users[engine] = self._users.get(engine, 0) + 1
         return session
 
@@ -279,7 +390,10 @@ class Database:
             if engine not in self._retired:
                 return
             self._retired.discard(engine)
-        await engine.dispose()
+        try:
+            await engine.dispose()
+        except Exception:  # the caller is closing other sessions: never stop it
+            _log.warning("disposing a retired engine of %r failed", self, exc_info=True)
 
     # -- the scope's session ---------------------------------------------------------------
 
@@ -299,19 +413,23 @@ class Database:
         Raises:
             NoScopeError: no scope is active (add the middleware or use ``scope()``).
             ScopeClosedError: the scope this code runs in has already ended.
+            EventLoopError: the scope was opened in another event loop (a thread that runs
+                ``asyncio.run()`` inherits the scope but not its loop).
         """
         unit = _current.get()
-        if unit is not None:
-            session = unit.sessions.get(self)
-            if session is not None:
-                return session
-            if unit.closed:
-                raise ScopeClosedError(self.name)
-            if self.before_session is None:  # no await from the check to the set: no race
-                session = unit.sessions[self] = self._open_session()
-                return session
-            return await self._session_after_hook(unit)
-        raise NoScopeError(self.name)
+        if unit is None:
+            raise NoScopeError(self.name)
+        session = unit.sessions.get(self)
+        if session is not None and unit.loop is get_running_loop():
+            return session
+        if unit.loop is not get_running_loop():
+            raise EventLoopError(self.name, scope=True)
+        if unit.closed:
+            raise ScopeClosedError(self.name)
+        if self.before_session is None:  # no await from the check to the set: no race
+            session = unit.sessions[self] = self._open_session()
+            return session
+        return await self._session_after_hook(unit)
 
     async def _session_after_hook(self, unit: _Unit) -> AsyncSession:
         # The hook awaits, so tasks asking at the same moment queue here and all get the
@@ -375,7 +493,7 @@ class Database:
             commit = unit.commit != "never"
         ending = _Unit("always" if commit else "never", unit.before_commit, unit.after_commit)
         ending.sessions[self] = session
-        await settle(ending, failed=False)
+        await ending.end(failed=False)
 
     # -- transactions and independent sessions ---------------------------------------------
 
@@ -430,4 +548,4 @@ class Database:
             yield session
             failed = False
         finally:
-            await settle(unit, failed=failed)
+            await unit.end(failed=failed)

@@ -1,4 +1,19 @@
-"""The unit of work behind ``scope()``: one session per Database, held in a ContextVar."""
+"""The unit of work behind every scope: one session per Database, held in a ContextVar.
+
+Every integration (``scope()``, the ASGI, aiohttp, FastStream and taskiq middlewares)
+drives the same :class:`_Unit` through the same steps::
+
+    unit = _Unit()
+    token = unit.enter()                             # the current scope in this context
+    await unit.end(failed=..., close=False)          # optional: end the transactions early
+    await unit.end(failed=...)                       # commit or roll back, close every session
+    unit.exit(token)                                 # restore the context
+
+Ending runs inline, in the task and context of the code that ends the unit, so that commit
+hooks see what the scope's code sees. Only when a cancellation interrupts it does the rest
+(rolling back and closing what is still open) move to a task of its own, which the
+cancelled code waits for, bounded, before the cancellation goes on.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +22,7 @@ import contextlib
 import functools
 import inspect
 import logging
+import sys
 from collections.abc import Awaitable, Callable, Coroutine
 from contextvars import ContextVar, Token
 from typing import TYPE_CHECKING, Any, get_args
@@ -25,16 +41,16 @@ __all__ = ["run_isolated", "scope"]
 
 _log = logging.getLogger("sqla_context")
 
-#: How long a cancelled scope keeps waiting for its rollback/close before it re-raises
-#: the cancellation and lets them finish in the background.
+#: How long ending a unit waits for work it cannot interrupt: a statement another task is
+#: still running on a session, or the rest of the clean-up after a cancellation.
 _FINISH_TIMEOUT = 30.0
 
 # Holds the mutable unit, never the session itself: a task created inside the scope gets
 # a *copy* of the context, and the copy must still point at the same unit.
 _current: ContextVar[_Unit | None] = ContextVar("sqla_context.scope", default=None)
 
-# Strong references to finishing tasks, so that one whose waiter was cancelled is not
-# garbage-collected half-way through a ROLLBACK.
+# Strong references to clean-ups running in the background, so that one whose waiter was
+# cancelled is not garbage-collected half-way through a ROLLBACK.
 _in_flight: set[asyncio.Task[None]] = set()
 
 
@@ -47,10 +63,30 @@ def check_choice(option: str, value: object, choices: object) -> None:
         )
 
 
-class _Unit:
-    """The sessions of one scope. Mutable, shared by every task that copied the context."""
+def check_hook(option: str, hook: object) -> None:
+    """Raise ConfigurationError unless ``hook`` is None or callable."""
+    if hook is not None and not callable(hook):
+        raise ConfigurationError(f"{option} must be a callable or None, got {hook!r}")
 
-    __slots__ = ("after_commit", "before_commit", "closed", "commit", "locks", "sessions")
+
+class _Unit:
+    """The sessions of one scope. Mutable, shared by every task that copied the context.
+
+    ``failed`` is set by an integration that learns the work failed although the code
+    around the unit goes on normally (a web framework turned the handler's exception into
+    a response): the unit then rolls back whatever ``end()`` is told.
+    """
+
+    __slots__ = (
+        "after_commit",
+        "before_commit",
+        "closed",
+        "commit",
+        "failed",
+        "locks",
+        "loop",
+        "sessions",
+    )
 
     def __init__(
         self,
@@ -65,6 +101,58 @@ class _Unit:
         # Created on demand, only while a Database's async before_session hook runs.
         self.locks: dict[Database, asyncio.Lock] | None = None
         self.closed = False
+        self.failed = False
+        # Sessions and connections belong to one event loop; see Database.session().
+        self.loop = asyncio.get_running_loop()
+
+    def enter(self) -> Token[_Unit | None]:
+        """Make this unit the current scope of the running context."""
+        return _current.set(self)
+
+    @staticmethod
+    def exit(token: Token[_Unit | None]) -> None:
+        """Restore the context as it was before :meth:`enter`."""
+        # ValueError: reset in another context than the one enter() ran in (a fixture whose
+        # setup and teardown run in different tasks). The unit is closed by end() anyway,
+        # so that context reads as having no open scope. (Not contextlib.suppress: this
+        # runs on every request, and it costs an object.)
+        try:  # noqa: SIM105
+            _current.reset(token)
+        except ValueError:
+            pass
+
+    def is_current(self) -> bool:
+        """True while this unit is open and may be used from the running event loop."""
+        return not self.closed and self.loop is asyncio.get_running_loop()
+
+    async def end(self, *, failed: bool, close: bool = True) -> None:
+        """Commit (unless ``failed``, see ``commit``) or roll back every session.
+
+        With ``close`` (the default) the sessions are then closed for good and the unit
+        is closed: asking it for a session raises ScopeClosedError, and a session object
+        kept from it raises if used again. Without ``close`` the transactions end and
+        the connections go back to the pool, but the sessions stay in the unit, usable:
+        work done with them afterwards is ended by the next ``end()``.
+
+        Raises:
+            CommitError: a commit failed; everything not committed was rolled back.
+        """
+        commit = self.commit == "always" or (
+            self.commit == "auto" and not failed and not self.failed
+        )
+        sessions = list(self.sessions.items())
+        if not sessions:  # nothing was opened: no I/O
+            self.closed = self.closed or close
+            return
+        discard: set[AsyncSession] = set()  # sessions whose COMMIT failed or was cut short
+        try:
+            if commit:
+                await _commit_all(self, sessions, discard)
+        finally:
+            if close:
+                self.closed = True
+                self.sessions.clear()
+            await _release_all(sessions, close=close, discard=discard)
 
 
 async def call_hooks(session: AsyncSession, *hooks: SessionHook | None) -> None:
@@ -80,100 +168,193 @@ async def commit_session(db: Database, unit: _Unit | None, session: AsyncSession
     """Commit with the Database's and the scope's hooks around it (errors propagate as-is)."""
     scope_before, scope_after = (unit.before_commit, unit.after_commit) if unit else (None, None)
     await call_hooks(session, db.before_commit, scope_before)
-    await _commit_or_discard(session)
-    await call_hooks(session, db.after_commit, scope_after)
-
-
-async def _commit_or_discard(session: AsyncSession) -> None:
-    """``session.commit()``; if the COMMIT fails, discard the session's connections.
-
-    After a failed COMMIT, SQLite keeps the transaction open (a deferred foreign key
-    violation, for one), and the pool does not roll back a connection whose transaction
-    SQLAlchemy saw end: returned to the pool, it would hand the failed writes to the next
-    user. Invalidating closes the connection instead, and the session stays usable.
-    """
+    await _statements_done(session)
     try:
         await session.commit()
     except BaseException:
-        try:
-            await session.invalidate()
-        except Exception:
-            _log.warning("discarding a connection after a failed commit failed", exc_info=True)
+        await _discard(db, session, keep=True)
         raise
+    await call_hooks(session, db.after_commit, scope_after)
 
 
-async def _finish(
-    unit: _Unit, sessions: list[tuple[Database, AsyncSession]], *, commit: bool
+async def _commit_all(
+    unit: _Unit, sessions: list[tuple[Database, AsyncSession]], discard: set[AsyncSession]
 ) -> None:
-    """Commit (or not) each of ``sessions`` in turn, then close them all."""
+    """Commit each session in turn, with the hooks; stop at the first failure."""
     committed: list[str] = []
-    commit_failure: CommitError | None = None
-    hook_failure: BaseException | None = None
-    try:
-        if commit:
-            for index, (db, session) in enumerate(sessions):
-                if not session.in_transaction():
-                    continue
-                try:
-                    await call_hooks(session, db.before_commit, unit.before_commit)
-                    await _commit_or_discard(session)
-                except Exception as exc:
-                    rest = [d.name for d, s in sessions[index + 1 :] if s.in_transaction()]
-                    commit_failure = CommitError(db.name, committed, [db.name, *rest], exc)
-                    commit_failure.__cause__ = exc
-                    _log.error("%s", commit_failure)
-                    break
-                committed.append(db.name)
-                try:
-                    # Unlike commit_session(), a failing after_commit hook must not stop the
-                    # other databases from committing: it is reported once all are done.
-                    await call_hooks(session, db.after_commit, unit.after_commit)
-                except Exception as exc:
-                    _log.error("after_commit hook failed for database %r", db.name, exc_info=True)
-                    hook_failure = hook_failure or exc
-    finally:
-        # Closing rolls back whatever was not committed and returns the connection. A failing
-        # close never stops the others from closing; it is retried in the background.
-        for db, session in sessions:
-            later = False
+    hook_failure: Exception | None = None
+    for index, (db, session) in enumerate(sessions):
+        if not session.in_transaction():
+            continue
+        try:
+            await call_hooks(session, db.before_commit, unit.before_commit)
+            await _statements_done(session)
             try:
-                await session.close()
-            except IllegalStateChangeError:
-                # Another task is still in an operation on this session (code that gather()s
-                # over the scope's one session): close it once that is over.
-                _log.warning(
-                    "the session of database %r is still in use by another task (one session"
-                    " must not run two operations at once); closing it in the background",
-                    db.name,
-                    exc_info=True,
-                )
-                later = True
-                _in_background(_close_later(db, session))
-            except Exception:
-                _log.warning("closing the session of database %r failed", db.name, exc_info=True)
-            finally:
-                if not later:
-                    await db._release(session)
-    if commit_failure is not None:
-        raise commit_failure
+                await session.commit()
+            except BaseException:
+                discard.add(session)
+                raise
+        except Exception as exc:
+            rest = [d.name for d, s in sessions[index + 1 :] if s.in_transaction()]
+            raise CommitError(db.name, committed, [db.name, *rest], exc) from exc
+        committed.append(db.name)
+        try:
+            # A failing after_commit hook must not stop the other databases from
+            # committing: it is raised once all are done.
+            await call_hooks(session, db.after_commit, unit.after_commit)
+        except Exception as exc:
+            _log.error("after_commit hook failed for database %r", db.name, exc_info=True)
+            hook_failure = hook_failure or exc
     if hook_failure is not None:
         raise hook_failure
 
 
-async def _close_later(db: Database, session: AsyncSession) -> None:
-    """Close ``session`` once no other task is in an operation on it (up to ``_FINISH_TIMEOUT``).
+async def _release_all(
+    sessions: list[tuple[Database, AsyncSession]], *, close: bool, discard: set[AsyncSession]
+) -> None:
+    """Roll back what is still open in ``sessions`` (and close them), whatever happens."""
+    for index, (db, session) in enumerate(sessions):
+        try:
+            await _release(db, session, close=close, discard=session in discard)
+        except asyncio.CancelledError:
+            rest = sessions[index:]  # this one may be half-done: release it again
+            await _wait_after_cancel(_release_rest(rest, close=close, discard=discard))
+            raise
 
-    ``close()`` refuses while another task is still in an operation on the session (code
-    that ``gather()``s over the scope's one session: the first error ends the gather, not
-    the other calls). SQLAlchemy signals no end of that operation, so this retries, backing
-    off, and the connection goes back to the pool once the stray operation is over.
+
+async def _release_rest(
+    sessions: list[tuple[Database, AsyncSession]], *, close: bool, discard: set[AsyncSession]
+) -> None:
+    for db, session in sessions:
+        await _release(db, session, close=close, discard=session in discard)
+
+
+async def _release(db: Database, session: AsyncSession, *, close: bool, discard: bool) -> None:
+    """End ``session``'s transaction (and close it); never leave its connection checked out.
+
+    ``discard``: its COMMIT failed or was interrupted, so its connection is in an unknown
+    state (SQLite even keeps a transaction open after a failed COMMIT, which the pool would
+    hand to the next user). It is invalidated: closed, never returned to the pool.
     """
+    later = False
+    try:
+        if discard:
+            await _discard(db, session, keep=not close)
+            return
+        if not close and not session.in_transaction():
+            return  # committed: its connection is back in the pool already
+        await _statements_done(session)
+        connections = _connections(session)
+        try:
+            await (session.close() if close else session.rollback())
+        except IllegalStateChangeError:
+            # Another task is in the middle of an operation on this session that has no
+            # connection yet (a checkout: code that gather()s over the scope's one session).
+            # SQLAlchemy signals no end of it: close once it is over.
+            _log.warning(
+                "the session of database %r is still in use by another task (one session"
+                " must not run two operations at once); closing it in the background",
+                db.name,
+                exc_info=True,
+            )
+            later = close
+            _in_background(_close_later(db, session))
+        except Exception:
+            _log.warning(
+                "ending the session of database %r failed; discarding its connection",
+                db.name,
+                exc_info=True,
+            )
+            await _invalidate(connections)
+    finally:
+        if close and not later:
+            await db._release(session)
+
+
+async def _discard(db: Database, session: AsyncSession, *, keep: bool) -> None:
+    """Close ``session``'s connections for good (the server rolls back what they held).
+
+    With ``keep`` the session stays usable (a failed ``db.commit()``: the caller may go
+    on); otherwise it is closed for good too.
+    """
+    connections = _connections(session)
+    try:
+        if keep:
+            await _invalidate(connections)
+            await session.reset()
+        else:
+            await session.invalidate()
+    except Exception:
+        _log.warning("discarding the connection of database %r failed", db.name, exc_info=True)
+        await _invalidate(connections)
+
+
+def _connections(session: AsyncSession) -> list[Any]:
+    """The ``Connection`` objects ``session`` holds now (empty if none; best effort).
+
+    Taken before an operation that may fail half-way: a failed close can leave the
+    session without its transaction but the connection still checked out.
+    """
+    found: list[Any] = []
+    transaction = getattr(session.sync_session, "_transaction", None)
+    while transaction is not None:
+        for entry in getattr(transaction, "_connections", {}).values():
+            if entry[0] not in found:
+                found.append(entry[0])
+        transaction = transaction._parent
+    return found
+
+
+async def _invalidate(connections: list[Any]) -> None:
+    """Invalidate each of ``connections`` still open, so that the pool gets it back."""
+    from sqlalchemy.util import greenlet_spawn
+
+    for connection in connections:
+        if not connection.closed and not connection.invalidated:
+            try:
+                await greenlet_spawn(connection.invalidate)
+            except Exception:
+                _log.error("could not discard a connection", exc_info=True)
+
+
+async def _statements_done(session: AsyncSession) -> None:
+    """Wait (bounded) until no statement is running on ``session``'s connections.
+
+    One session must not run two operations at once, but code that ``gather()``s over the
+    scope's session, or a task it started, may still be in a statement when the scope
+    ends. Sending ROLLBACK or COMMIT meanwhile breaks the protocol (asyncpg refuses, and
+    then the connection is never returned; asyncmy answers "Command Out of Sync" and the
+    statement's task hangs for good). SQLAlchemy's async drivers run each statement under
+    a lock on the connection: wait for it. If it stays held, the caller's ROLLBACK fails
+    and the connection is discarded, which also ends the statement.
+    """
+    for connection in _connections(session):
+        fairy = getattr(connection, "_dbapi_connection", None)
+        mutex = getattr(getattr(fairy, "dbapi_connection", None), "_execute_mutex", None)
+        if mutex is not None and mutex.locked():
+            try:
+                await asyncio.wait_for(mutex.acquire(), _FINISH_TIMEOUT)
+            except asyncio.TimeoutError:
+                _log.error(
+                    "a statement on a scope's session ran %ss past the scope's end; "
+                    "discarding its connection",
+                    _FINISH_TIMEOUT,
+                )
+                await _invalidate([connection])
+            else:
+                mutex.release()
+
+
+async def _close_later(db: Database, session: AsyncSession) -> None:
+    """Close ``session`` once no other task is in an operation on it (up to ``_FINISH_TIMEOUT``)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + _FINISH_TIMEOUT
     delay = 0.01
     try:
         while True:
             await asyncio.sleep(delay)
+            await _statements_done(session)
+            connections = _connections(session)
             try:
                 await session.close()
                 return
@@ -182,14 +363,15 @@ async def _close_later(db: Database, session: AsyncSession) -> None:
                     delay = min(delay * 2, 0.5)
                     continue
                 _log.error(
-                    "the session of database %r stayed in use for %ss; not closed",
+                    "the session of database %r stayed in use for %ss; discarding it",
                     db.name,
                     _FINISH_TIMEOUT,
-                    exc_info=True,
                 )
+                await _invalidate(connections)
                 return
             except Exception:
                 _log.error("closing the session of database %r failed", db.name, exc_info=True)
+                await _invalidate(connections)
                 return
     finally:
         await db._release(session)
@@ -203,49 +385,38 @@ def _in_background(coroutine: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
     return task
 
 
-async def settle(unit: _Unit, *, failed: bool, keep_open: bool = False) -> None:
-    """End ``unit``: commit or roll back and close its sessions, surviving cancellation.
+async def _wait_after_cancel(work: Coroutine[Any, Any, None]) -> None:
+    """Run ``work`` in a task of its own and wait for it, bounded, despite cancellation.
 
-    With ``keep_open`` the sessions are ended but the unit stays usable: a later
-    ``db.session()`` opens a fresh session in it (the ASGI middleware commits at the
-    response start this way, and work done while the body streams gets new sessions).
-
-    The work runs in a task of its own awaited through ``shield``: a cancellation that
-    arrives meanwhile stops only our wait, never a half-done COMMIT/ROLLBACK/close. We then
-    keep waiting (bounded by ``_FINISH_TIMEOUT``) so that the connections are back in the
-    pool before the cancellation propagates, and re-raise it.
+    Called where a cancellation interrupted the clean-up: the connections should be back
+    in the pool before the cancellation goes on, but another cancellation must not cut
+    the ROLLBACK short again. Under anyio (level-triggered cancellation: every await in a
+    cancelled scope is cancelled again at once) the wait is shielded, else it would turn
+    into a busy loop.
     """
-    if not keep_open:
-        unit.closed = True
-    if not unit.sessions:  # nothing was opened: no task, no I/O
-        return
-    # Detach the sessions before any await, so nobody can fetch one that is being closed.
-    sessions = list(unit.sessions.items())
-    unit.sessions.clear()
-    commit = unit.commit == "always" or (unit.commit == "auto" and not failed)
-    task = _in_background(_finish(unit, sessions, commit=commit))
-    try:
-        await asyncio.shield(task)
-        return
-    except asyncio.CancelledError as cancel:
-        if task.done():
-            raise
-        interrupted = cancel
+    task = _in_background(work)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + _FINISH_TIMEOUT
-    while not task.done() and (remaining := deadline - loop.time()) > 0:
-        # Under level-triggered cancellation (anyio) every wait is cancelled again: keep waiting.
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.wait({task}, timeout=remaining)
+    with _shielded():
+        while not task.done() and (remaining := deadline - loop.time()) > 0:
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait({task}, timeout=remaining)
     if not task.done():
         _log.warning(
             "closing sessions took over %ss after a cancellation; finishing in the background",
             _FINISH_TIMEOUT,
         )
         task.add_done_callback(_log_late_failure)
-    elif not task.cancelled() and (exc := task.exception()) is not None:
-        _log.error("ending a cancelled scope failed", exc_info=exc)
-    raise interrupted
+    else:
+        _log_late_failure(task)
+
+
+def _shielded() -> contextlib.AbstractContextManager[Any]:
+    """An anyio shield where anyio may be cancelling this task, else nothing."""
+    anyio = sys.modules.get("anyio")
+    if anyio is None:
+        return contextlib.nullcontext()
+    return anyio.CancelScope(shield=True)  # type: ignore[no-any-return]
 
 
 def _log_late_failure(task: asyncio.Task[None]) -> None:
@@ -261,7 +432,8 @@ class scope:  # noqa: N801 - reads as a function at the call site
     for ``db``, created on first use. Tasks created inside the scope share it.
 
     At exit, every session is committed in turn (see ``commit``), then all are closed and
-    their connections returned to the pool, even when the scope is cancelled.
+    their connections returned to the pool, even when the scope is cancelled. A session
+    object kept past the scope's end raises if it is used again.
 
     Args:
         commit: ``"auto"`` (default) commits if the body succeeded and rolls back if it
@@ -272,11 +444,13 @@ class scope:  # noqa: N801 - reads as a function at the call site
             scope, whose owner commits and closes (this scope's options are then ignored);
             ``"new"`` opens an independent scope with its own sessions and connections.
         before_commit: called with each session right before this scope commits it (sync or
-            async). An exception aborts that commit like a failing COMMIT.
+            async), in the scope's task and context. An exception aborts that commit like a
+            failing COMMIT.
         after_commit: called with each session right after this scope committed it.
 
     Raises:
-        ConfigurationError: an option value is not one of the allowed ones.
+        ConfigurationError: an option value is not one of the allowed ones, or a hook is
+            not callable.
         NestedScopeError: on entry, a scope is active and ``nested="raise"``.
         CommitError: at exit, a commit failed; see its attributes for what was committed.
 
@@ -300,6 +474,8 @@ class scope:  # noqa: N801 - reads as a function at the call site
     ) -> None:
         check_choice("commit", commit, CommitMode)
         check_choice("nested", nested, NestedMode)
+        check_hook("before_commit", before_commit)
+        check_hook("after_commit", after_commit)
         self._commit: CommitMode = commit
         self._nested: NestedMode = nested
         self._before_commit = before_commit
@@ -311,14 +487,15 @@ class scope:  # noqa: N801 - reads as a function at the call site
         if self._unit is not None:
             raise RuntimeError("this scope() object is already in use; create a new one per entry")
         active = _current.get()
-        if active is not None and not active.closed:
+        # A unit of another event loop (a thread's asyncio.run()) is not active here.
+        if active is not None and active.is_current():
             if self._nested == "raise":
                 raise NestedScopeError()
             if self._nested == "reuse":
                 self._unit = active
                 return
         self._unit = _Unit(self._commit, self._before_commit, self._after_commit)
-        self._token = _current.set(self._unit)
+        self._token = self._unit.enter()
 
     async def __aexit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
         unit, token = self._unit, self._token
@@ -327,15 +504,13 @@ class scope:  # noqa: N801 - reads as a function at the call site
             return
         assert unit is not None
         try:
-            await settle(unit, failed=exc_type is not None)
+            await unit.end(failed=exc_type is not None)
         finally:
-            # ValueError: exited in another context than it was entered in (e.g. a fixture
-            # whose setup and teardown run in different tasks). The unit is closed anyway,
-            # so that context now reads as having no scope.
-            with contextlib.suppress(ValueError):
-                _current.reset(token)
+            unit.exit(token)
 
-    def __call__(self, fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+    def __call__(
+        self, fn: Callable[P, Coroutine[Any, Any, R]]
+    ) -> Callable[P, Coroutine[Any, Any, R]]:
         """Decorate an async function so that every call runs in a fresh scope."""
         if not inspect.iscoroutinefunction(fn):
             raise TypeError(f"@scope() decorates async functions only; got {fn!r}")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Literal
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any
 
 from ._scope import _current, check_choice, commit_session
 from ._typing import ExistingMode, P, R
@@ -23,7 +23,7 @@ class TransactionBlock:
     Entering yields the scope's ``AsyncSession``. See :meth:`Database.transaction`.
     """
 
-    __slots__ = ("_db", "_existing", "_kind", "_savepoint", "_session")
+    __slots__ = ("_db", "_existing", "_savepoint", "_session")
 
     def __init__(self, db: Database, existing: ExistingMode) -> None:
         check_choice("existing", existing, ExistingMode)
@@ -31,7 +31,6 @@ class TransactionBlock:
         self._existing: ExistingMode = existing
         self._session: AsyncSession | None = None
         self._savepoint: AsyncSessionTransaction | None = None
-        self._kind: Literal["top", "savepoint"] = "top"
 
     async def __aenter__(self) -> AsyncSession:
         if self._session is not None:
@@ -40,13 +39,17 @@ class TransactionBlock:
             )
         db = self._db
         session = await db.session()
-        self._kind, self._savepoint = "top", None
+        self._savepoint = None
         if session.in_transaction():
             existing = self._existing
             if existing == "raise":
                 raise TransactionAlreadyOpenError(db.name)
             if existing == "nest":
-                self._kind, self._savepoint = "savepoint", await session.begin_nested()
+                # Entered as a context manager, so that its exit can leave it to
+                # SQLAlchemy to undo a savepoint that a failed flush deactivated.
+                savepoint = session.begin_nested()
+                await savepoint.__aenter__()
+                self._savepoint = savepoint
             elif existing == "commit":
                 await commit_session(db, _current.get(), session)
                 await session.begin()
@@ -61,17 +64,19 @@ class TransactionBlock:
         self._session = session
         return session
 
-    async def __aexit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any
+    ) -> None:
         session, savepoint = self._session, self._savepoint
         self._session = self._savepoint = None
         assert session is not None
         if savepoint is not None:
-            if not savepoint.is_active:  # ended inside the block (e.g. close_session())
-                return
-            if exc_type is None:
-                await savepoint.commit()  # RELEASE SAVEPOINT
-            else:
-                await savepoint.rollback()  # ROLLBACK TO SAVEPOINT; the outer one goes on
+            # SQLAlchemy's own exit: RELEASE SAVEPOINT on success, ROLLBACK TO SAVEPOINT on
+            # an exception, and the undo of a savepoint that a failed flush inside the
+            # block deactivated (the caller caught the IntegrityError and went on); a
+            # savepoint already ended inside the block (close_session()) is left alone.
+            # The outer transaction goes on in every case.
+            await savepoint.__aexit__(exc_type, exc, tb)
             return
         if exc_type is not None:
             await session.rollback()
@@ -83,7 +88,9 @@ class TransactionBlock:
                 await session.rollback()  # a failing hook left the transaction open
                 raise
 
-    def __call__(self, fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+    def __call__(
+        self, fn: Callable[P, Coroutine[Any, Any, R]]
+    ) -> Callable[P, Coroutine[Any, Any, R]]:
         """Decorate an async function so that each call runs in its own transaction block."""
         if not inspect.iscoroutinefunction(fn):
             raise TypeError(f"@db.transaction() decorates async functions only; got {fn!r}")

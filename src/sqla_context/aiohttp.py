@@ -56,7 +56,6 @@ Already inside a scope
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Literal
@@ -68,7 +67,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         "sqla_context.aiohttp needs aiohttp: pip install 'sqla-context[aiohttp]'"
     ) from exc
 
-from ._scope import _current, _Unit, check_choice, settle
+from ._scope import _current, _Unit, check_choice
 
 if TYPE_CHECKING:
     from aiohttp.typedefs import Handler, Middleware  # aiohttp >= 3.9
@@ -96,7 +95,7 @@ async def _end(unit: _Unit, request: web.BaseRequest, status: int, *, commit: bo
     # A client that has gone will never get this response, nor learn the outcome: roll back.
     gone = request.transport is None
     try:
-        await settle(unit, failed=gone or not commit)
+        await unit.end(failed=gone or not commit)
     except Exception:
         _log.error(
             "commit failed for %s %s; answering 500 instead of %s",
@@ -112,7 +111,7 @@ async def _end_started(
 ) -> None:
     """End ``unit`` for a response whose status line has already been sent."""
     try:
-        await settle(unit, failed=not commit)
+        await unit.end(failed=not commit)
     except Exception:
         _log.error(
             "commit failed for %s %s after its %s response had started; the client has "
@@ -163,11 +162,11 @@ def session_middleware(
         if websocket == "none" and _is_websocket(request):
             return await handler(request)
         active = _current.get()
-        if active is not None and not active.closed:  # its owner commits and closes
+        if active is not None and active.is_current():  # its owner commits and closes
             return await handler(request)
 
         unit = _Unit()
-        token = _current.set(unit)
+        token = unit.enter()
         try:
             try:
                 response = await handler(request)
@@ -176,7 +175,7 @@ def session_middleware(
                 await _end(unit, request, exc.status, commit=commit_on(exc.status))
                 raise
             except BaseException:
-                await settle(unit, failed=True)
+                await unit.end(failed=True)
                 raise
             if isinstance(response, web.WebSocketResponse) and response.prepared:
                 # A socket has no status to judge: a handler that returns has succeeded.
@@ -188,10 +187,8 @@ def session_middleware(
             return response
         finally:
             if not unit.closed:  # commit_on() raised: nothing was decided
-                await settle(unit, failed=True)
-            # ValueError: reset from another context; the unit is closed either way.
-            with contextlib.suppress(ValueError):
-                _current.reset(token)
+                await unit.end(failed=True)
+            unit.exit(token)
 
     return sqla_context_scope
 

@@ -8,6 +8,7 @@ builtin a caller may already catch::
     ├── NoScopeError (LookupError)            db.session() with no active scope
     ├── ScopeClosedError (RuntimeError)       db.session() from a scope that has ended
     ├── NestedScopeError (RuntimeError)       scope() inside an active scope, without nested=
+    ├── EventLoopError (RuntimeError)         a scope or pool used from another event loop
     ├── TransactionAlreadyOpenError (RuntimeError)
     │                                         db.transaction(existing="raise") with one open
     ├── CommitError                           a scope's commit failed; names what was committed
@@ -23,9 +24,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from sqlalchemy.exc import StatementError
+
 __all__ = [
     "CommitError",
     "ConfigurationError",
+    "EventLoopError",
     "LeakError",
     "NestedScopeError",
     "NoScopeError",
@@ -92,6 +96,34 @@ class NestedScopeError(SqlaContextError, RuntimeError):
         )
 
 
+class EventLoopError(SqlaContextError, RuntimeError):
+    """A scope, or a Database's pool, was used from an event loop it does not belong to.
+
+    Sessions and pooled connections belong to the event loop that opened them. A thread
+    that runs ``asyncio.run()`` (e.g. under ``asyncio.to_thread``) inherits the caller's
+    context, so it sees the caller's scope, but it has a loop of its own. Nothing is sent
+    to the database when this is raised.
+    """
+
+    def __init__(self, db_name: str, *, scope: bool = False) -> None:
+        if scope:
+            message = (
+                f"The scope's session for database {db_name!r} belongs to another event loop "
+                "(this code runs in a new loop, e.g. asyncio.run() in a thread, that inherited "
+                "the scope). Open a scope in this loop: `async with scope():` (the other "
+                "loop's scope is not active here), or pass plain values across the thread."
+            )
+        else:
+            message = (
+                f"Database {db_name!r} is in use by an event loop that is still running in "
+                "another thread; its pooled connections cannot serve this loop. Use one "
+                "Database object per event loop (a Database made in the thread), or call "
+                "`await db.dispose()` in the other loop first."
+            )
+        super().__init__(message)
+        self.db_name = db_name
+
+
 class TransactionAlreadyOpenError(SqlaContextError, RuntimeError):
     """``db.transaction(existing="raise")`` found a transaction already open.
 
@@ -131,7 +163,7 @@ class CommitError(SqlaContextError):
         self.committed = list(committed)
         self.rolled_back = list(rolled_back)
         super().__init__(
-            f"Commit failed for database {failed!r}: {type(cause).__name__}: {cause}. "
+            f"Commit failed for database {failed!r}: {_describe(cause)}. "
             f"Committed before the failure: {self.committed or 'none'}; "
             f"rolled back: {self.rolled_back}."
         )
@@ -153,3 +185,18 @@ class LeakError(SqlaContextError, AssertionError):
     database. Usually a session made from ``db.sessionmaker()`` or a connection from
     ``db.engine.connect()`` that the test or the app never closed.
     """
+
+
+def _describe(exc: BaseException) -> str:
+    """``exc`` as one line for a log or an error message, without SQL parameters.
+
+    A driver error rendered by SQLAlchemy carries the statement's parameters, and the
+    server's detail line often quotes the row (``Key (email)=(...)``): both can hold
+    personal data. The first line of the driver's message says what went wrong; the full
+    error stays available as ``__cause__``.
+    """
+    if isinstance(exc, StatementError) and exc.orig is not None:
+        exc = exc.orig
+    lines = str(exc).strip().splitlines()
+    text = lines[0] if lines else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

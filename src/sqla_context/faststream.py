@@ -80,7 +80,6 @@ Order with other middlewares
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -101,7 +100,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         "pip install -U 'sqla-context[faststream]'"
     ) from exc
 
-from ._scope import _current, _Unit, settle
+from ._scope import _Unit
 from .exceptions import CommitError
 
 if TYPE_CHECKING:
@@ -137,7 +136,7 @@ class SessionMiddleware(BaseMiddleware):
         if msg.source_type is SourceType.RESPONSE:  # a broker.request() reply, caller side
             return await call_next(msg)
         unit = _Unit()
-        token = _current.set(unit)  # this task runs the handler: call_next awaits it here
+        token = unit.enter()  # this task runs the handler: call_next awaits it here
         try:
             try:
                 result = await call_next(msg)
@@ -146,20 +145,18 @@ class SessionMiddleware(BaseMiddleware):
                 await self._commit(unit, msg)
                 raise
             except BaseException as exc:
-                await settle(unit, failed=True)
+                await unit.end(failed=True)
                 if isinstance(exc, CommitError):  # from db.close_session() in the handler
                     await self._redeliver(msg, exc)
                 raise
             await self._commit(unit, msg)
             return result
         finally:
-            # ValueError: reset from another context; the unit is closed either way.
-            with contextlib.suppress(ValueError):
-                _current.reset(token)
+            unit.exit(token)
 
     async def _commit(self, unit: _Unit, msg: StreamMessage[Any]) -> None:
         try:
-            await settle(unit, failed=False)
+            await unit.end(failed=False)
         except CommitError as exc:
             await self._redeliver(msg, exc)
             raise

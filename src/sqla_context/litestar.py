@@ -19,6 +19,7 @@ on shutdown.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -40,6 +41,8 @@ if TYPE_CHECKING:
     from ._database import Database
 
 __all__ = ["SqlaContextPlugin"]
+
+_log = logging.getLogger("sqla_context")
 
 
 class SqlaContextPlugin(InitPluginProtocol):
@@ -71,6 +74,10 @@ class SqlaContextPlugin(InitPluginProtocol):
         if not databases:
             raise ConfigurationError("SqlaContextPlugin() needs at least one Database")
         check_choice("websocket", websocket, WebSocketMode)
+        if not callable(commit_on):
+            raise ConfigurationError(
+                f"commit_on must be a callable taking the status code, got {commit_on!r}"
+            )
         self.databases = databases
         self.commit_on = commit_on
         self.websocket: WebSocketMode = websocket
@@ -91,5 +98,13 @@ class SqlaContextPlugin(InitPluginProtocol):
         return app_config
 
     async def _dispose(self) -> None:
+        # Every database is disposed even if another fails; the first failure is re-raised.
+        failure: Exception | None = None
         for db in self.databases:
-            await db.dispose()
+            try:
+                await db.dispose()
+            except Exception as exc:
+                _log.warning("disposing %r failed", db, exc_info=True)
+                failure = failure or exc
+        if failure is not None:
+            raise failure

@@ -87,7 +87,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         "sqla_context.taskiq needs taskiq: pip install 'sqla-context[taskiq]'"
     ) from exc
 
-from ._scope import _current, _Unit, settle
+from ._scope import _Unit
 
 __all__ = ["SessionMiddleware"]
 
@@ -166,7 +166,7 @@ class SessionMiddleware(TaskiqMiddleware):
             if label is None or _ack_name(label) in _MOVED_TO_WHEN_SAVED:
                 message.labels[_ACK_LABEL] = "when_saved"
         unit = _Unit()
-        execution = _Execution(unit, _current.set(unit))
+        execution = _Execution(unit, unit.enter())
         execution.state_token = _execution.set(execution)
         task = asyncio.current_task()
         if task is not None:
@@ -184,7 +184,7 @@ class SessionMiddleware(TaskiqMiddleware):
         """Roll back and close the execution's sessions as soon as the task has failed."""
         execution = _execution.get()
         if execution is not None and not execution.finished:
-            await settle(execution.unit, failed=True)
+            await execution.unit.end(failed=True)
 
     async def post_execute(self, message: TaskiqMessage, result: TaskiqResult[Any]) -> None:
         """Commit (or roll back) and close the execution's sessions; restore the context.
@@ -200,7 +200,7 @@ class SessionMiddleware(TaskiqMiddleware):
         if execution.task is not None:
             execution.task.remove_done_callback(execution.done_callback)
         try:
-            await settle(execution.unit, failed=result.is_err)
+            await execution.unit.end(failed=result.is_err)
         except Exception:
             _log.error(
                 "commit failed for taskiq task %s (id %s); the message is not acknowledged",
@@ -209,10 +209,7 @@ class SessionMiddleware(TaskiqMiddleware):
             )
             raise
         finally:
-            # ValueError: reset in another context than the one pre_execute ran in. The
-            # unit is closed either way, so that context reads as having no open scope.
-            with contextlib.suppress(ValueError):
-                _current.reset(execution.token)
+            _Unit.exit(execution.token)
             if execution.state_token is not None:
                 with contextlib.suppress(ValueError):
                     _execution.reset(execution.state_token)
@@ -232,7 +229,7 @@ def _abandoned(execution: _Execution, task_name: str, _task: asyncio.Task[Any]) 
         "raised, or the handling was cancelled); rolling its sessions back",
         task_name,
     )
-    orphan = asyncio.ensure_future(settle(unit, failed=True))
+    orphan = asyncio.ensure_future(unit.end(failed=True))
     _orphans.add(orphan)
     orphan.add_done_callback(_orphan_done)
 

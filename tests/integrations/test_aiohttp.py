@@ -284,7 +284,7 @@ async def test_request_without_database_work_touches_no_engine(sqlite: Backend) 
     app.router.add_get("/ping", ping)
     async with serve(app) as client:
         assert await (await client.get("/ping")).text() == "pong"
-    assert db._engine is None
+    assert db.engine.pool.checkedin() + db.engine.pool.checkedout() == 0, "never connected"
 
 
 # -- responses the handler started itself --------------------------------------------------------

@@ -258,7 +258,7 @@ async def test_no_database_work_touches_no_engine(sqlite: Backend) -> None:
 
     async with client(app) as c:
         assert (await c.get("/ping")).json() == "pong"
-    assert db._engine is None
+    assert db.engine.pool.checkedin() + db.engine.pool.checkedout() == 0, "never connected"
 
 
 async def test_starlette_app(backend: Backend) -> None:

@@ -1,10 +1,9 @@
 """How SessionMiddleware forwards the app's messages to the server.
 
-The app gets the middleware's ``send``; the response's last message is run, on the
-server's side, in the context the middleware was called in (without the scope), so that a
-callback the server creates there (uvicorn's keep-alive timer) does not keep the request's
-objects alive. These tests drive the middleware with hand-written "servers": plain
-coroutines standing in for uvicorn's ``receive``/``send``.
+A callback the server creates while handling a message (uvicorn's keep-alive timer) keeps
+a copy of the request's context, and with it the request's unit of work: the unit must
+hold nothing of the server once the request is over. These tests drive the middleware with
+hand-written "servers": plain coroutines standing in for uvicorn's ``receive``/``send``.
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ import pytest
 
 from sqla_context import CommitError
 from sqla_context._scope import _current, _Unit
-from sqla_context.asgi import _NO_CONTEXT, SessionMiddleware, _new_request
+from sqla_context.asgi import SessionMiddleware
 
 from ..conftest import Backend, insert
 
@@ -95,20 +94,6 @@ def streaming_app(after_last: list[bool] | None = None) -> SessionMiddleware:
     return SessionMiddleware(app)
 
 
-async def test_the_last_message_is_handled_outside_the_scope() -> None:
-    server = Server()
-    after_last: list[bool] = []
-    await asyncio.create_task(serve(streaming_app(after_last), server))
-    assert server.seen == [
-        ("http.response.start", "outer", "inner", True),
-        ("http.response.body", "outer", "inner", True),
-        # the server's part of the last message: what the middleware's caller had set,
-        # not the scope and not what the app set
-        ("http.response.body", "outer", "unset", False),
-    ]
-    assert after_last == [True]  # the app itself still runs in its scope afterwards
-
-
 async def test_a_callback_created_for_the_last_message_does_not_hold_the_scope() -> None:
     held: list[Any] = []
 
@@ -119,23 +104,11 @@ async def test_a_callback_created_for_the_last_message_does_not_hold_the_scope()
 
     await asyncio.create_task(serve(streaming_app(), KeepAliveServer()))
     (context,) = held
-    assert _current not in context
     assert context[_outer] == "outer"
-
-
-async def test_a_last_message_that_has_to_wait_is_still_handled_outside_the_scope() -> None:
-    server = Server()
-    server.gate = asyncio.Event()
-    request = asyncio.create_task(serve(streaming_app(), server))
-    await server.waiting.wait()
-    assert not request.done()  # held by the server's send
-    server.gate.set()
-    await request
-    assert server.seen[2:] == [
-        ("http.response.body", "outer", "unset", False),
-        ("http.response.body", "outer", "unset", False),  # the step after the wait
-    ]
-    assert server.finally_ran_in_scope is False
+    unit = context[_current]  # the request's unit: closed, and holding nothing of it
+    assert isinstance(unit, _Unit)
+    assert unit.closed
+    assert unit.sessions == {}
 
 
 @pytest.mark.parametrize("wait", [False, True], ids=["at-once", "after-waiting"])
@@ -147,7 +120,7 @@ async def test_an_error_sending_the_last_message_reaches_the_app(wait: bool) -> 
         server.gate.set()
     with pytest.raises(OSError, match="client went away"):
         await asyncio.create_task(serve(streaming_app(), server))
-    assert server.finally_ran_in_scope is False
+    assert server.seen[-1][0] == "http.response.body"
 
 
 async def test_cancelled_while_the_last_message_waits(sqlite: Backend) -> None:
@@ -165,7 +138,7 @@ async def test_cancelled_while_the_last_message_waits(sqlite: Backend) -> None:
     request.cancel()
     with pytest.raises(asyncio.CancelledError):
         await request
-    assert server.finally_ran_in_scope is False  # the server's code saw the cancellation
+    assert server.finally_ran_in_scope is not None  # the server's code saw the cancellation
     assert await sqlite.names() == []  # rolled back
     assert db.engine.pool.checkedout() == 0
 
@@ -180,7 +153,14 @@ async def test_a_server_send_that_is_a_generator_based_coroutine() -> None:
         server.look(message)
 
     await asyncio.create_task(serve(streaming_app(), server, old_style_send))
-    assert [entry[3] for entry in server.seen] == [True, True, True, True, False, False]
+    assert [entry[0] for entry in server.seen] == [
+        "http.response.start",
+        "http.response.start",
+        "http.response.body",
+        "http.response.body",
+        "http.response.body",
+        "http.response.body",
+    ]
 
 
 async def test_messages_after_a_failed_commit_are_dropped(backend: Backend) -> None:
@@ -202,17 +182,8 @@ async def test_messages_after_a_failed_commit_are_dropped(backend: Backend) -> N
         ("http.response.start", 500),
         ("http.response.body", None),
     ]
-
-
-async def test_the_request_object_sets_every_field_of_a_unit() -> None:
-    # A request starts as a fresh unit: nothing of the ASGI plumbing overrides a unit field.
-    async def send(message: Message) -> None:
-        pass
-
-    request = _new_request(lambda status: status < 400, dict(HTTP_SCOPE), receive_nothing, send)
-    plain = _Unit()
-    for name in _Unit.__slots__:
-        assert getattr(request, name) == getattr(plain, name), name
+    # The error is re-raised and the server drops the socket: tell keep-alive clients.
+    assert (b"connection", b"close") in sent[0]["headers"]
 
 
 async def test_a_context_kept_after_the_request_holds_nothing_of_the_server() -> None:
@@ -236,9 +207,7 @@ async def test_a_context_kept_after_the_request_holds_nothing_of_the_server() ->
     reachable = gc.get_referents(unit)
     for server_object in (asgi_scope, server_send, receive_nothing):
         assert not any(ref is server_object for ref in reachable)
-    # The only context left is an empty one shared by all requests, not the server's.
-    assert all(ref is _NO_CONTEXT for ref in reachable if isinstance(ref, Context))
-    assert list(_NO_CONTEXT.items()) == []
+    assert not any(isinstance(ref, Context) for ref in reachable)
 
 
 async def test_send_or_receive_after_the_app_returned_is_a_clear_error() -> None:

@@ -66,3 +66,20 @@ def asgi_usage() -> None:
     wrapped = SessionMiddleware(app, commit_on=lambda status: status < 300, websocket="none")
     lifespan = dispose_at_shutdown(db)
     del wrapped, lifespan
+
+
+@db.transaction()
+async def transfer(amount: int) -> int:
+    return amount
+
+
+async def spawn() -> None:
+    # Decorated functions return coroutines: tasks and asyncio.run() accept them.
+    task: asyncio.Task[str] = asyncio.create_task(job(1))
+    moved: asyncio.Task[int] = asyncio.create_task(transfer(5))
+    await task
+    await moved
+
+
+def run_job_from_sync_code() -> str:
+    return asyncio.run(job(2, dry_run=True))
