@@ -282,7 +282,9 @@ class Database:
     def _check_loop_locked(self) -> None:
         """Follow the running event loop: a pool serves the loop its connections belong to."""
         loop = asyncio._get_running_loop()
-        if loop is None or loop is self._loop:
+        if loop is None or loop is self._loop or self._bound_maker is not None:
+            # Isolated by sqla_context.testing in rollback mode: each loop's sessions use that
+            # loop's own connection, never a pooled one, so several loops may share it.
             return
         old, self._loop = self._loop, loop
         if old is None:

@@ -12,6 +12,10 @@
     def sqla_metadata():
         return Base.metadata  # optional: tables created once per run, dropped at the end
 
+    @pytest.fixture(scope="session")
+    def sqla_is_test_database():
+        return lambda name: name.startswith("ci_")  # optional: which databases may be used
+
 Then request ``sqla_isolation`` in a test (or make it autouse in your conftest): the test's
 database work is rolled back when it ends (see :func:`sqla_context.testing.isolated`). Mark
 a test ``@pytest.mark.sqla_commit`` to have its work really committed and the written
@@ -27,13 +31,19 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 
 import pytest
 from sqlalchemy import MetaData
 
 from ._database import Database
-from .testing import IsolationMode, RunDatabases, isolated
+from .testing import (
+    DEFAULT_LOCK_TIMEOUT,
+    IsolationMode,
+    RunDatabases,
+    isolated,
+    looks_like_test_database,
+)
 
 try:
     import pytest_asyncio
@@ -42,7 +52,14 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         "sqla_context.pytest_plugin needs pytest-asyncio: pip install pytest-asyncio"
     ) from exc
 
-__all__ = ["sqla_databases", "sqla_isolation", "sqla_metadata", "sqla_run_databases"]
+__all__ = [
+    "sqla_databases",
+    "sqla_is_test_database",
+    "sqla_isolation",
+    "sqla_lock_timeout",
+    "sqla_metadata",
+    "sqla_run_databases",
+]
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -69,8 +86,30 @@ def sqla_metadata() -> MetaData | None:
 
 
 @pytest.fixture(scope="session")
+def sqla_is_test_database() -> Callable[[str], bool]:
+    """The rule a server database's name must pass (``is_test_database=`` of the toolkit).
+
+    The default accepts names that contain ``"test"``. Override it (session scope) to allow
+    other names, e.g. ``return lambda name: name.startswith("ci_")``.
+    """
+    return looks_like_test_database
+
+
+@pytest.fixture(scope="session")
+def sqla_lock_timeout() -> float | None:
+    """Seconds a connection may wait for a lock in an isolated test (``lock_timeout=``).
+
+    Override it (session scope) to change the default of 10 s; ``None`` waits as long as the
+    server allows.
+    """
+    return DEFAULT_LOCK_TIMEOUT
+
+
+@pytest.fixture(scope="session")
 def sqla_run_databases(
-    sqla_databases: Sequence[Database], sqla_metadata: MetaData | None
+    sqla_databases: Sequence[Database],
+    sqla_metadata: MetaData | None,
+    sqla_is_test_database: Callable[[str], bool],
 ) -> Iterator[Sequence[Database]]:
     """Per-worker databases under pytest-xdist, and the schema, for the whole run.
 
@@ -82,6 +121,7 @@ def sqla_run_databases(
         *sqla_databases,
         worker=os.environ.get("PYTEST_XDIST_WORKER"),
         metadata=sqla_metadata,
+        is_test_database=sqla_is_test_database,
     )
     asyncio.run(run.setup())
     try:
@@ -92,16 +132,26 @@ def sqla_run_databases(
 
 @pytest_asyncio.fixture
 async def sqla_isolation(
-    request: pytest.FixtureRequest, sqla_run_databases: Sequence[Database]
+    request: pytest.FixtureRequest,
+    sqla_run_databases: Sequence[Database],
+    sqla_is_test_database: Callable[[str], bool],
+    sqla_lock_timeout: float | None,
 ) -> AsyncIterator[IsolationMode]:
     """Isolate the test's work on ``sqla_databases``; yields the mode in use.
 
-    The engines are disposed when the test ends: pytest-asyncio gives each test its own
-    event loop by default, and a pooled connection cannot move to another loop.
+    It composes with ``isolated_in(client.portal, ...)`` for a ``TestClient`` (see
+    :func:`sqla_context.testing.isolated_in`). The engines are disposed when the test ends:
+    pytest-asyncio gives each test its own event loop by default, and a pooled connection
+    cannot move to another loop.
     """
     mode: IsolationMode = "commit" if request.node.get_closest_marker("sqla_commit") else "rollback"
     try:
-        async with isolated(*sqla_run_databases, mode=mode):
+        async with isolated(
+            *sqla_run_databases,
+            mode=mode,
+            is_test_database=sqla_is_test_database,
+            lock_timeout=sqla_lock_timeout,
+        ):
             yield mode
     finally:
         for db in sqla_run_databases:

@@ -13,35 +13,50 @@ Rollback mode (default)
     ``db.sessionmaker()``) is bound to it with SQLAlchemy's
     ``join_transaction_mode="create_savepoint"``: the app's commits release savepoints,
     its rollbacks roll back to them, so it behaves as in production, and data committed by
-    one request is visible to the next and to the test. At the end the outer transaction is
-    rolled back. The sessions share that one connection, so code that runs queries of one
-    database concurrently (``run_isolated`` under ``gather``) needs commit mode.
+    one request is visible to the next and to the test. Databases of one call that point at
+    the same database (a replica on the primary's URL) share that connection. At the end the
+    outer transaction is rolled back. The sessions share one connection, so code that runs
+    queries of one database concurrently (``run_isolated`` under ``gather``) needs commit mode.
 
 Commit mode
-    The app really commits; when the block ends, the tables it wrote to (seen through the
-    engine's events) are emptied: ``TRUNCATE ... RESTART IDENTITY CASCADE`` on PostgreSQL,
-    ``TRUNCATE`` with foreign-key checks off on MySQL/MariaDB, ``DELETE`` on SQLite.
+    The app really commits; when the block ends, the tables it wrote to (with their schema,
+    from the compiled statements) are emptied: ``TRUNCATE ... RESTART IDENTITY CASCADE`` on
+    PostgreSQL, ``TRUNCATE`` with foreign-key checks off on MySQL/MariaDB, ``DELETE`` on
+    SQLite.
+
+Errors::
+
+    IsolationError (RuntimeError)   nested isolation, a session in a non-isolated event loop,
+                                    a lock wait longer than lock_timeout
+    LeakError (AssertionError)      a connection or session still open at the end
+    UnsafeDatabaseError             a server database whose name fails is_test_database
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
+import os
+import secrets
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path, PurePath
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from sqlalchemy import URL, Connection, MetaData, event, text
-from sqlalchemy.ext.asyncio import AsyncConnection, async_sessionmaker, create_async_engine
+from sqlalchemy import URL, MetaData, Table, inspect, text
+from sqlalchemy.ext.asyncio import create_async_engine
 
+from ._cleanup import truncated_after
+from ._isolation import IsolationError, IsolationMode, registered, rolled_back
 from ._scope import check_choice
-from .exceptions import LeakError, UnsafeDatabaseError
+from .exceptions import ConfigurationError, UnsafeDatabaseError
 
 if TYPE_CHECKING:
+    from sqlalchemy import Connection
+
     from ._database import Database
 
 __all__ = [
+    "IsolationError",
     "IsolationMode",
     "RunDatabases",
     "isolated",
@@ -50,13 +65,8 @@ __all__ = [
     "worker_url",
 ]
 
-IsolationMode = Literal["rollback", "commit"]
-
-_WRITE = re.compile(
-    r"^\s*(?:insert\s+(?:ignore\s+)?into|update|delete\s+from|replace\s+into)\s+"
-    r"[`\"\[]?(?:\w+[`\"\]]?\.[`\"\[]?)?(\w+)",
-    re.IGNORECASE,
-)
+#: Seconds a connection may wait for a lock during an isolated block (see ``isolated()``).
+DEFAULT_LOCK_TIMEOUT = 10.0
 
 
 def looks_like_test_database(name: str) -> bool:
@@ -72,7 +82,16 @@ def _check_safe(db: Database, rule: Callable[[str], bool]) -> None:
         raise UnsafeDatabaseError(
             f"{db!r}: database {url.database!r} does not look like a test database, so "
             "sqla_context.testing refuses to touch it. Point the tests at a database whose "
-            "name contains 'test', or pass is_test_database= to change the rule."
+            "name contains 'test', or pass is_test_database= to change the rule (with the "
+            "pytest plugin: override the `sqla_is_test_database` fixture)."
+        )
+
+
+def _check_lock_timeout(lock_timeout: float | None) -> None:
+    if lock_timeout is not None and not lock_timeout > 0:
+        raise ConfigurationError(
+            f"lock_timeout={lock_timeout!r} is not valid: give a number of seconds > 0, or "
+            "None to wait as long as the server lets a lock wait"
         )
 
 
@@ -81,28 +100,51 @@ async def isolated(
     *databases: Database,
     mode: IsolationMode = "rollback",
     is_test_database: Callable[[str], bool] = looks_like_test_database,
+    lock_timeout: float | None = DEFAULT_LOCK_TIMEOUT,
 ) -> AsyncIterator[None]:
     """Keep the block's database work from outliving it, for each of ``databases``.
 
     See the module docstring for the two modes. Works however the app is driven inside
     the block, as long as it runs in this event loop (direct calls, ``httpx.ASGITransport``);
-    for an app running in another loop (``TestClient``), use :func:`isolated_in`.
+    for an app running in another loop (``TestClient``), use :func:`isolated_in`, which
+    composes with an ``isolated()`` block of the test's own loop.
+
+    Pass every Database of the app in one call: in rollback mode those that point at the
+    same database then share the test's connection and see each other's writes.
+
+    Args:
+        databases: the Databases to isolate.
+        mode: ``"rollback"`` (default) or ``"commit"``.
+        is_test_database: a function of a server database's name; ``False`` refuses it.
+        lock_timeout: seconds a connection of these databases may wait for a lock inside the
+            block (rollback mode: every transaction; commit mode: the final clean-up), or
+            ``None`` for the server's setting. In rollback mode the test's writes stay
+            uncommitted until the end, so a connection that waits for them would wait
+            forever. Not applied on SQLite, whose driver gives up after 5 s by default.
 
     Raises:
-        ConfigurationError: ``mode`` is not ``"rollback"`` or ``"commit"``.
+        ConfigurationError: ``mode`` is not ``"rollback"`` or ``"commit"``, or
+            ``lock_timeout`` is not positive.
         UnsafeDatabaseError: a server database's name fails ``is_test_database``.
-        LeakError: at exit, a connection of one of the databases is still checked out.
+        IsolationError: a database is already isolated in this event loop; a lock wait
+            exceeded ``lock_timeout`` (raised where the waiting query ran); a session was
+            made in another event loop while the database is isolated in rollback mode.
+        LeakError: at exit, a connection checked out in the block is still checked out, or
+            (rollback mode) a session made in the block is still in a transaction.
     """
     check_choice("mode", mode, IsolationMode)
+    _check_lock_timeout(lock_timeout)
     for db in databases:
         _check_safe(db, is_test_database)
-    async with contextlib.AsyncExitStack() as stack:
-        for db in databases:
-            if mode == "rollback":
-                await stack.enter_async_context(_rolled_back(db))
-            else:
-                await stack.enter_async_context(_truncated_after(db))
-        yield
+    with registered(databases, mode):
+        if mode == "rollback":
+            async with rolled_back(databases, lock_timeout):
+                yield
+        else:
+            async with contextlib.AsyncExitStack() as stack:
+                for db in databases:
+                    await stack.enter_async_context(truncated_after(db, lock_timeout))
+                yield
 
 
 class _Portal(Protocol):
@@ -119,6 +161,7 @@ def isolated_in(
     *databases: Database,
     mode: IsolationMode = "rollback",
     is_test_database: Callable[[str], bool] = looks_like_test_database,
+    lock_timeout: float | None = DEFAULT_LOCK_TIMEOUT,
 ) -> Iterator[None]:
     """:func:`isolated`, run inside another thread's event loop; a plain ``with`` block.
 
@@ -132,6 +175,11 @@ def isolated_in(
     at the end, inside the portal's loop, because their pooled connections belong to it.
     Use ``TestClient`` as a context manager: without it, each request runs in a new loop.
 
+    It composes with an :func:`isolated` block (or the ``sqla_isolation`` fixture) of the
+    test's own event loop: each loop has its own connection, and sessions are bound to the
+    one of the loop they are made in. Writes made through the client are therefore not
+    visible to queries the test runs in its own loop; read them through the client.
+
     Raises:
         The same errors as :func:`isolated`, raised in the calling thread.
     """
@@ -139,7 +187,12 @@ def isolated_in(
     @contextlib.asynccontextmanager
     async def isolate_then_dispose() -> AsyncIterator[None]:
         try:
-            async with isolated(*databases, mode=mode, is_test_database=is_test_database):
+            async with isolated(
+                *databases,
+                mode=mode,
+                is_test_database=is_test_database,
+                lock_timeout=lock_timeout,
+            ):
                 yield
         finally:
             for db in databases:
@@ -149,114 +202,44 @@ def isolated_in(
         yield
 
 
-def _check_no_leak(db: Database, allowed: int) -> None:
-    checked_out = db.engine.pool.checkedout()  # type: ignore[attr-defined]
-    if checked_out > allowed:
-        raise LeakError(
-            f"{db!r}: {checked_out - allowed} connection(s) still checked out when the test "
-            "ended. A session from db.sessionmaker() or a connection from db.engine.connect() "
-            "was not closed."
-        )
-
-
-@contextlib.asynccontextmanager
-async def _rolled_back(db: Database) -> AsyncIterator[None]:
-    if db._bound_maker is not None:
-        raise RuntimeError(f"{db!r} is already isolated by an enclosing isolated() block")
-    conn = await db.engine.connect()
-    sqlite = conn.dialect.name == "sqlite"
-    try:
-        await conn.begin()
-        if sqlite:
-            # The sqlite3 driver begins transactions only before writes, so a SAVEPOINT
-            # would start (and its RELEASE commit) a transaction of its own: take control.
-            await conn.run_sync(_sqlite_isolation_level, None)
-            await conn.exec_driver_sql("BEGIN")
-        db._bound_maker = async_sessionmaker(
-            bind=conn, join_transaction_mode="create_savepoint", **db.session_options
-        )
-        try:
-            yield
-        finally:
-            db._bound_maker = None
-        _check_no_leak(db, allowed=1)
-    finally:
-        try:
-            await conn.rollback()
-            if sqlite:
-                await conn.run_sync(_sqlite_isolation_level, "")  # the driver's default
-        finally:
-            await conn.close()
-
-
-def _sqlite_isolation_level(conn: Connection, level: str | None) -> None:
-    conn.connection.dbapi_connection.isolation_level = level  # type: ignore[union-attr]
-
-
-@contextlib.asynccontextmanager
-async def _truncated_after(db: Database) -> AsyncIterator[None]:
-    written: set[str] = set()
-
-    def record(conn: Any, cursor: Any, statement: str, *_: Any) -> None:
-        match = _WRITE.match(statement)
-        if match:
-            written.add(match[1])
-
-    engine = db.engine.sync_engine
-    event.listen(engine, "before_cursor_execute", record)
-    try:
-        yield
-        _check_no_leak(db, allowed=0)
-    finally:
-        event.remove(engine, "before_cursor_execute", record)
-        if written:
-            async with db.engine.connect() as conn:
-                await _empty(conn, sorted(written))
-
-
-async def _empty(conn: AsyncConnection, tables: list[str]) -> None:
-    preparer = conn.dialect.identifier_preparer
-    quoted = [preparer.quote(t) for t in tables]
-    name = conn.dialect.name
-    if name == "postgresql":
-        await conn.exec_driver_sql(f"TRUNCATE {', '.join(quoted)} RESTART IDENTITY CASCADE")
-    elif name in ("mysql", "mariadb"):
-        await conn.exec_driver_sql("SET FOREIGN_KEY_CHECKS = 0")
-        try:
-            for table in quoted:
-                await conn.exec_driver_sql(f"TRUNCATE TABLE {table}")
-        finally:
-            await conn.exec_driver_sql("SET FOREIGN_KEY_CHECKS = 1")
-    else:
-        for table in quoted:
-            await conn.exec_driver_sql(f"DELETE FROM {table}")
-    await conn.commit()
-
-
 def worker_url(url: URL, worker: str) -> URL:
     """The URL of ``worker``'s own database: ``<name>_<worker>`` on a server, a sibling file
-    ``<stem>_<worker><suffix>`` for SQLite (an in-memory SQLite URL is returned as is)."""
+    ``<stem>_<worker><suffix>`` for SQLite (an in-memory SQLite URL is returned as is).
+
+    :class:`RunDatabases` passes ``<worker>_<random token>`` as ``worker``, so that two runs
+    on one server never pick the same name. A server name is shortened to 63 characters
+    (PostgreSQL's limit) by cutting the original name, never the suffix.
+    """
     if url.get_backend_name() == "sqlite":
         if not url.database or url.database == ":memory:":
             return url
         path = PurePath(url.database)
         return url.set(database=str(path.with_name(f"{path.stem}_{worker}{path.suffix}")))
-    return url.set(database=f"{url.database}_{worker}")
+    suffix = f"_{worker}"
+    return url.set(database=f"{(url.database or '')[: 63 - len(suffix)]}{suffix}")
 
 
 class RunDatabases:
     """The databases of a whole test run: per-worker copies and the schema.
 
     ``setup()`` (or ``async with``) checks every database with ``is_test_database``; with
-    ``worker`` set (pytest-xdist's ``gw0``, ``gw1``, ...) it creates the worker's own
-    database on the server (or uses a file of its own for SQLite) and points the Database
-    at it with :meth:`~sqla_context.Database.switch_url`; then it creates ``metadata``'s
-    tables. ``teardown()`` drops the tables, drops the worker database (or deletes its
-    file), points each Database back at its original URL and disposes the engines.
-    Both leave no connection open, so they may run in different event loops.
+    ``worker`` set (pytest-xdist's ``gw0``, ``gw1``, ...) it creates a database of the run's
+    own (``<name>_<worker>_<random token>``; SQLite: a new file next to the original) and
+    points the Database at it with :meth:`~sqla_context.Database.switch_url`; then it creates
+    those of ``metadata``'s tables that do not exist yet. ``teardown()`` drops only what
+    ``setup()`` created: the tables it created (tables that existed before are kept, with
+    their rows) and the databases or files it created; it points each Database back at its
+    original URL and disposes the engines. Both leave no connection open, so they may run
+    in different event loops.
 
     To run Alembic migrations instead of ``create_all``, pass no ``metadata`` and run
     ``alembic upgrade head`` against ``db.url`` after ``setup()``.
+
+    Raises:
+        UnsafeDatabaseError: from ``setup()``, a server database's name fails
+            ``is_test_database``; nothing was created.
+        sqlalchemy.exc.DBAPIError: ``setup()`` could not create the worker database (for
+            instance, the user lacks the CREATEDB privilege).
     """
 
     def __init__(
@@ -270,8 +253,11 @@ class RunDatabases:
         self.worker = worker
         self.metadata = metadata
         self.is_test_database = is_test_database
+        #: Unique to this run: part of every database name it creates.
+        self.token = f"p{os.getpid()}{secrets.token_hex(3)}"
         self._original: dict[Database, URL] = {}
-        self._created: list[tuple[URL, URL]] = []  # (admin url, worker url)
+        self._created: list[tuple[URL, URL]] = []  # (admin url, worker url) created by us
+        self._tables: dict[Database, list[Table]] = {}  # tables created by us, per Database
 
     async def __aenter__(self) -> RunDatabases:
         await self.setup()
@@ -281,33 +267,32 @@ class RunDatabases:
         await self.teardown()
 
     async def setup(self) -> None:
-        """Check, create and point at the worker databases; create the schema."""
+        """Check, create and point at the worker databases; create the missing tables."""
         for db in self.databases:
             _check_safe(db, self.is_test_database)
         for db in self.databases:
             original = db.engine.url
             self._original[db] = original
             if self.worker:
-                target = worker_url(original, self.worker)
-                if target != original and original.get_backend_name() != "sqlite":
-                    if (original, target) not in self._created:
-                        await _create_database(original, str(target.database))
-                        self._created.append((original, target))
-                elif target != original:
+                target = worker_url(original, f"{self.worker}_{self.token}")
+                if target != original and all(t != target for _, t in self._created):
+                    await _create_database(original, target)
                     self._created.append((original, target))
                 await db.switch_url(target)
             if self.metadata is not None:
                 async with db.engine.begin() as conn:
-                    await conn.run_sync(self.metadata.create_all)
+                    created = await conn.run_sync(_create_missing, self.metadata)
+                self._tables[db] = created
             await db.dispose()
 
     async def teardown(self) -> None:
-        """Drop the schema and the worker databases; restore the URLs; dispose."""
+        """Drop what setup() created (tables, worker databases); restore the URLs; dispose."""
         try:
             for db in self.databases:
-                if self.metadata is not None:
+                tables = self._tables.get(db)
+                if tables and self.metadata is not None:
                     async with db.engine.begin() as conn:
-                        await conn.run_sync(self.metadata.drop_all)
+                        await conn.run_sync(self.metadata.drop_all, tables=tables)
                 await db.dispose()
         finally:
             for db, original in self._original.items():
@@ -317,37 +302,56 @@ class RunDatabases:
                 await _drop_database(admin, target)
             self._original.clear()
             self._created.clear()
+            self._tables.clear()
 
 
-async def _create_database(admin_url: URL, name: str) -> None:
-    engine = create_async_engine(admin_url, isolation_level="AUTOCOMMIT")
+def _create_missing(conn: Connection, metadata: MetaData) -> list[Table]:
+    inspector = inspect(conn)
+    missing = [
+        table
+        for table in metadata.sorted_tables
+        if not inspector.has_table(table.name, schema=table.schema)
+    ]
+    metadata.create_all(conn, tables=missing, checkfirst=False)
+    return missing
+
+
+async def _create_database(admin_url: URL, target: URL) -> None:
+    if target.get_backend_name() == "sqlite":
+        exists: bool = bool(target.database) and await asyncio.to_thread(
+            Path(target.database or "").exists
+        )
+        if exists:
+            raise FileExistsError(f"{target.database} exists; it is not this run's to use")
+        return  # SQLite creates the file on first connect
+    engine = create_async_engine(admin_url)
     try:
         async with engine.connect() as conn:
-            if conn.dialect.name == "postgresql":
-                query = text("SELECT 1 FROM pg_database WHERE datname = :n")
-                if (await conn.execute(query, {"n": name})).first() is None:
-                    quoted = conn.dialect.identifier_preparer.quote(name)
-                    await conn.exec_driver_sql(f"CREATE DATABASE {quoted}")
-            else:
-                quoted = conn.dialect.identifier_preparer.quote(name)
-                await conn.exec_driver_sql(f"CREATE DATABASE IF NOT EXISTS {quoted}")
+            conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
+            # No IF NOT EXISTS: a database of that name is not ours, and an error says so.
+            quoted = conn.dialect.identifier_preparer.quote(str(target.database))
+            await conn.exec_driver_sql(f"CREATE DATABASE {quoted}")
     finally:
         await engine.dispose()
 
 
 async def _drop_database(admin_url: URL, target: URL) -> None:
+    """Drop a database (or file) this run created; its name carries the run's token."""
     if target.get_backend_name() == "sqlite":
         if target.database:
             await asyncio.to_thread(Path(target.database).unlink, missing_ok=True)
         return
-    engine = create_async_engine(admin_url, isolation_level="AUTOCOMMIT")
+    engine = create_async_engine(admin_url)
     try:
         async with engine.connect() as conn:
+            conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
             quoted = conn.dialect.identifier_preparer.quote(str(target.database))
             if conn.dialect.name == "postgresql":
+                # FORCE ends connections this run left open: the database is the run's own.
                 await conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {quoted} WITH (FORCE)")
             else:
-                # MariaDB/MySQL wait for every open transaction on the database's tables.
+                # MariaDB/MySQL wait for every open transaction on the database's tables;
+                # the only ones are this run's leftovers.
                 users = text("SELECT id FROM information_schema.processlist WHERE db = :n")
                 for (thread,) in (await conn.execute(users, {"n": target.database})).all():
                     with contextlib.suppress(Exception):  # it may have ended meanwhile
