@@ -166,15 +166,31 @@ async def call_hooks(session: AsyncSession, *hooks: SessionHook | None) -> None:
 
 async def commit_session(db: Database, unit: _Unit | None, session: AsyncSession) -> None:
     """Commit with the Database's and the scope's hooks around it (errors propagate as-is)."""
-    scope_before, scope_after = (unit.before_commit, unit.after_commit) if unit else (None, None)
-    await call_hooks(session, db.before_commit, scope_before)
+    discard: set[AsyncSession] = set()
+    try:
+        await _commit(db, session, unit.before_commit if unit else None, discard)
+    except BaseException:
+        if discard:  # the caller may go on with the session: keep it, drop its connection
+            await _discard(db, session, keep=True)
+        raise
+    await call_hooks(session, db.after_commit, unit.after_commit if unit else None)
+
+
+async def _commit(
+    db: Database, session: AsyncSession, before: SessionHook | None, discard: set[AsyncSession]
+) -> None:
+    """Run the before_commit hooks, wait for statements still running, then COMMIT.
+
+    A COMMIT that failed or was interrupted leaves its connection in an unknown state:
+    ``session`` is then added to ``discard``.
+    """
+    await call_hooks(session, db.before_commit, before)
     await _statements_done(session)
     try:
         await session.commit()
     except BaseException:
-        await _discard(db, session, keep=True)
+        discard.add(session)
         raise
-    await call_hooks(session, db.after_commit, scope_after)
 
 
 async def _commit_all(
@@ -187,13 +203,7 @@ async def _commit_all(
         if not session.in_transaction():
             continue
         try:
-            await call_hooks(session, db.before_commit, unit.before_commit)
-            await _statements_done(session)
-            try:
-                await session.commit()
-            except BaseException:
-                discard.add(session)
-                raise
+            await _commit(db, session, unit.before_commit, discard)
         except Exception as exc:
             rest = [d.name for d, s in sessions[index + 1 :] if s.in_transaction()]
             raise CommitError(db.name, committed, [db.name, *rest], exc) from exc
@@ -243,8 +253,7 @@ async def _release(db: Database, session: AsyncSession, *, close: bool, discard:
             return
         if not close and not session.in_transaction():
             return  # committed: its connection is back in the pool already
-        await _statements_done(session)
-        connections = _connections(session)
+        connections = await _statements_done(session)
         try:
             await (session.close() if close else session.rollback())
         except IllegalStateChangeError:
@@ -317,7 +326,7 @@ async def _invalidate(connections: list[Any]) -> None:
                 _log.error("could not discard a connection", exc_info=True)
 
 
-async def _statements_done(session: AsyncSession) -> None:
+async def _statements_done(session: AsyncSession) -> list[Any]:
     """Wait (bounded) until no statement is running on ``session``'s connections.
 
     One session must not run two operations at once, but code that ``gather()``s over the
@@ -327,8 +336,11 @@ async def _statements_done(session: AsyncSession) -> None:
     statement's task hangs for good). SQLAlchemy's async drivers run each statement under
     a lock on the connection: wait for it. If it stays held, the caller's ROLLBACK fails
     and the connection is discarded, which also ends the statement.
+
+    Returns the session's connections (see :func:`_connections`).
     """
-    for connection in _connections(session):
+    connections = _connections(session)
+    for connection in connections:
         fairy = getattr(connection, "_dbapi_connection", None)
         mutex = getattr(getattr(fairy, "dbapi_connection", None), "_execute_mutex", None)
         if mutex is not None and mutex.locked():
@@ -343,6 +355,7 @@ async def _statements_done(session: AsyncSession) -> None:
                 await _invalidate([connection])
             else:
                 mutex.release()
+    return connections
 
 
 async def _close_later(db: Database, session: AsyncSession) -> None:
@@ -353,8 +366,7 @@ async def _close_later(db: Database, session: AsyncSession) -> None:
     try:
         while True:
             await asyncio.sleep(delay)
-            await _statements_done(session)
-            connections = _connections(session)
+            connections = await _statements_done(session)
             try:
                 await session.close()
                 return
