@@ -46,7 +46,9 @@ When the commit fails
     handling of the message before the result is stored and before the ``when_saved`` ack:
     the message stays unacknowledged and the broker redelivers it (Redis streams: it stays
     in the consumer group's pending list and is reclaimed after ``idle_timeout``). No
-    result is stored for that execution and ``post_save`` hooks do not run. Brokers
+    result is stored for that execution and ``post_save`` hooks do not run. A
+    ``CommitError`` that escapes the task function (``db.close_session()`` failed) is a
+    failed commit too: ``on_error`` logs and re-raises it, before any ack. Brokers
     without acknowledgements (``ListQueueBroker``, ``PubSubBroker``, ``InMemoryBroker``)
     removed the message when it was received: nothing can redeliver it, so the failure is
     only logged (``InMemoryBroker`` also raises it: from ``kiq()`` as the ``__cause__`` of a
@@ -134,6 +136,7 @@ except ImportError:  # pragma: no cover - depends on the taskiq version
     TaskRejectedError = NoResultError  # type: ignore[misc,assignment]
 
 from ._scope import _Unit
+from .exceptions import CommitError
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncSession
@@ -267,15 +270,19 @@ class SessionMiddleware(TaskiqMiddleware):
                 Re-raised on purpose, after the rollback: it stops taskiq before it
                 acknowledges the message.
             Exception: the task's own error, when the task had committed part of its work
-                (``db.commit()``, ``db.close_session()``...) before it raised: the message
-                must come again, not be acknowledged.
+                (``db.commit()``, ``db.close_session()``...) before it raised, or when it is a
+                :class:`~sqla_context.CommitError` (``db.close_session()`` failed): the
+                message must come again, not be acknowledged.
         """
         execution = _execution.get()
         if execution is None or execution.finished:
             return
         cancelled = _cancelled(exception)
+        # A CommitError that escaped the task (from db.close_session()) is a failed commit,
+        # as in post_execute: the message must come again.
+        commit_failed = isinstance(exception, CommitError)
         partly_committed = execution.committed and not isinstance(exception, _SETTLED_BY_THE_TASK)
-        if not (cancelled or partly_committed):
+        if not (cancelled or commit_failed or partly_committed):
             await execution.unit.end(failed=True)  # post_execute restores the context
             return
         # taskiq's handling of the message must end here, before its ack: restore the
@@ -295,8 +302,9 @@ class SessionMiddleware(TaskiqMiddleware):
                 raise asyncio.CancelledError() from exception
             raise exception
         _log.error(
-            "taskiq task %s (id %s) failed after committing part of its work; the rest was "
-            "rolled back and the message is not acknowledged, so that it is delivered again",
+            "%s for taskiq task %s (id %s); the message is not acknowledged, so that it is "
+            "delivered again",
+            "commit failed" if commit_failed else "failed after committing part of its work",
             message.task_name,
             message.task_id,
         )

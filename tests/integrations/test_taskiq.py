@@ -505,6 +505,29 @@ async def test_reject_after_an_early_commit_is_the_task_s_own_decision(
     await assert_clean(sqlite, db, ["A"])
 
 
+async def test_failed_early_close_is_not_acknowledged(
+    sqlite: Backend, redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A CommitError from db.close_session() escaping the task is a failed commit."""
+    db = sqlite.database()
+
+    def register(broker: RedisStreamBroker) -> None:
+        @broker.task(task_name="doomed")
+        async def doomed() -> None:
+            session = await db.session()
+            await insert(session, "lost")
+            await sqlite.doom(session)
+            await db.close_session()  # raises CommitError
+
+    async with worker(redis_url, register) as w:
+        await w.kiq("doomed")
+        error = await w.receiver.next_finished()
+        assert await w.pending() == 1, "a failed commit must not be acknowledged"
+        assert isinstance(error, CommitError)
+    assert "commit failed for taskiq task doomed" in caplog.text
+    await assert_clean(sqlite, db, [])
+
+
 class Breaks(TaskiqMiddleware):
     """A middleware whose post_execute raises before SessionMiddleware's can run."""
 
