@@ -62,24 +62,26 @@ When the task raises
     what ended the task:
 
     - An error (any ``Exception``: a bug, ``NoResultError``, ``Context.requeue()``,
-      ``Context.reject()``, the ``TimeoutError`` of an expired ``timeout`` label) and
-      nothing committed before it: taskiq acknowledges the message as it does for every
-      failed task (its retries come from a retry middleware, not from redelivery). That is
-      sound, since nothing of the failed attempt was committed. A timeout counts as the
-      task's own failure: it ran past the time its label allows, and would most likely do
-      so again if the broker delivered it again.
-    - A cancellation: an ``asyncio.CancelledError`` (the worker cancelled the handling, say
-      when it shuts down), a pending cancellation request on the handling task whatever the
-      task raised, or ``KeyboardInterrupt``/``SystemExit``. taskiq catches ``BaseException``
-      around the task and would report it as an error, then acknowledge the message: it
-      would be lost with its work undone. ``on_error`` re-raises the cancellation instead
-      once the rollback is done, which ends taskiq's handling of the message before the
-      ``when_executed`` and ``when_saved`` acks (whatever the ``ack_type`` and
-      ``ack_after_commit``), before the other middlewares' ``on_error`` and
-      ``post_execute``, and before a result is stored. The message stays unacknowledged and
-      the broker delivers it again (Redis streams: after ``idle_timeout``). A message
-      acknowledged ``when_received`` was acked before the task ran (at most once by
-      definition): nothing can bring it back. Under ``manual`` it is whatever the task did.
+      ``Context.reject()``, the ``TimeoutError`` of an expired ``timeout`` label; not a
+      ``CommitError``, see above) and nothing committed before it: taskiq acknowledges the
+      message as it does for every failed task (its retries come from a retry middleware,
+      not from redelivery). That is sound, since nothing of the failed attempt was
+      committed. A timeout counts as the task's own failure: it ran past the time its label
+      allows, and would most likely do so again if the broker delivered it again.
+    - A cancellation: an ``asyncio.CancelledError`` (the handling task was cancelled, say by
+      ``asyncio.run()`` ending with tasks still running, or by an application that embeds
+      the worker and shuts down), a pending cancellation request on the handling task
+      whatever the task raised, or ``KeyboardInterrupt``/``SystemExit``. taskiq catches
+      ``BaseException`` around the task and would report it as an error, then acknowledge
+      the message: it would be lost with its work undone. ``on_error`` re-raises the
+      cancellation instead once the rollback is done, which ends taskiq's handling of the
+      message before the ``when_executed`` and ``when_saved`` acks (whatever the
+      ``ack_type`` and ``ack_after_commit``), before the other middlewares' ``on_error``
+      and ``post_execute``, and before a result is stored. The message stays
+      unacknowledged and the broker delivers it again (Redis streams: after
+      ``idle_timeout``). A message acknowledged ``when_received`` was acked before the task
+      ran (at most once by definition): nothing can bring it back. Under ``manual`` it is
+      whatever the task did.
     - An error after an early commit: see below.
 
 Early commits
