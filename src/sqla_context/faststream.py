@@ -30,7 +30,8 @@ Where it sits in FastStream's flow
        acknowledgement middleware acks. **The commit precedes the ack.**
     3. handler raised anything else (``NackMessage``, ``RejectMessage``, ``SkipMessage``,
        a bug), or was cancelled: everything is rolled back and closed, and the exception
-       goes on; the subscriber's ``ack_policy`` decides the message's fate as usual.
+       goes on; the subscriber's ``ack_policy`` decides the message's fate as usual, unless
+       the handler had committed part of its work early (see "Early commits").
     4. the commit failed (a :class:`~sqla_context.CommitError` at scope exit, or one that
        escaped the handler from ``db.close_session()``): the middleware nacks the message
        itself (``message.nack()``, which requeues on RabbitMQ, naks on NATS JetStream and
@@ -49,6 +50,27 @@ Preconditions for ack-after-commit
     subscriber that claims pending messages (``StreamSub(..., min_idle_time=...)``). Under
     ``AckPolicy.MANUAL`` nobody acks for you: commit before acking (``await db.commit()``,
     then ``await message.ack()``).
+
+Early commits
+    ``db.commit()``, ``db.close_session()`` and top-level ``db.transaction()`` blocks commit
+    inside the handler, before it ends, and such a commit is final: nothing undoes it. The
+    rule, the same as in :mod:`sqla_context.taskiq`: **a message whose work is partly
+    committed is never settled as failed.** If the handler raises an error after an early
+    commit, the rest of its work is rolled back and the middleware nacks the message (as
+    after a failed commit, step 4), whatever the ``ack_policy``: the default
+    ``REJECT_ON_ERROR`` would drop the message (RabbitMQ: gone or dead-lettered; NATS
+    JetStream: terminated) with its work half done. At least once then means: the handler
+    runs again from its start, over what the earlier deliveries committed, until one
+    succeeds; so a handler that commits early must be idempotent up to its last early commit
+    (look for what it committed and go on from there). The handler's own decisions stand:
+    ``NackMessage``, ``RejectMessage`` and ``SkipMessage``, and a message it settled itself
+    (``await message.reject()``). A cancelled handler's message is not settled by FastStream
+    at all, so the broker delivers it again anyway. Only commits made through sqla_context
+    count (those that run the commit hooks), not a direct ``session.commit()``, nor
+    independent work (``run_isolated()``, ``db.new_session()``, ``scope(nested="new")``); a
+    read-only session ended early with ``db.close_session(commit=False)`` commits nothing.
+    A handler that fails every time after an early commit is redelivered every time: bound
+    it with the broker, as below.
 
 Broker shutdown
     ``broker.stop()`` waits up to ``graceful_timeout`` for running handlers, then closes
@@ -91,7 +113,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     ) from exc
 try:  # AckPolicy and middlewares that get the context came with FastStream 0.6
     from faststream import AckPolicy, BaseMiddleware, SourceType, StreamMessage
-    from faststream.exceptions import AckMessage
+    from faststream.exceptions import AckMessage, HandlerException
     from faststream.message import AckStatus
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(
@@ -106,6 +128,8 @@ from .exceptions import CommitError
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
+    from sqlalchemy.ext.asyncio import AsyncSession
+
 __all__ = ["SessionMiddleware"]
 
 _log = logging.getLogger("sqla_context")
@@ -119,14 +143,18 @@ class SessionMiddleware(BaseMiddleware):
     handler returns (or raises ``AckMessage``), rolled back when it raises anything else
     or is cancelled, and always closed, all before FastStream publishes the handler's
     result and acks the message. If the commit fails, the message is nacked (redelivered)
-    and the error re-raised. See the module docstring for the ack policies and brokers
-    under which that holds.
+    and the error re-raised; so is a message whose handler raised an error after
+    committing part of its work early (``db.commit()``, ``db.close_session()``). See the
+    module docstring for the ack policies and brokers under which that holds.
 
     Pass the class itself; FastStream makes one instance per message::
 
         broker = RabbitBroker(url, middlewares=[SessionMiddleware])
         router = RabbitRouter(middlewares=[SessionMiddleware])   # or for some subscribers
     """
+
+    # FastStream makes one instance per message: the flag is that message's.
+    __slots__ = ("_committed",)
 
     async def consume_scope(
         self,
@@ -135,7 +163,8 @@ class SessionMiddleware(BaseMiddleware):
     ) -> Any:
         if msg.source_type is SourceType.RESPONSE:  # a broker.request() reply, caller side
             return await call_next(msg)
-        unit = _Unit()
+        self._committed = False  # set by every commit in the scope, early ones included
+        unit = _Unit(after_commit=self._saw_commit)
         token = unit.enter()  # this task runs the handler: call_next awaits it here
         try:
             try:
@@ -147,34 +176,40 @@ class SessionMiddleware(BaseMiddleware):
             except BaseException as exc:
                 await unit.end(failed=True)
                 if isinstance(exc, CommitError):  # from db.close_session() in the handler
-                    await self._redeliver(msg, exc)
+                    await self._redeliver(msg, "commit failed", exc)
+                elif self._committed and _is_error(exc):
+                    await self._redeliver(msg, "handler failed after an early commit", exc)
                 raise
             await self._commit(unit, msg)
             return result
         finally:
             unit.exit(token)
 
+    def _saw_commit(self, _session: AsyncSession) -> None:
+        self._committed = True
+
     async def _commit(self, unit: _Unit, msg: StreamMessage[Any]) -> None:
         try:
             await unit.end(failed=False)
         except CommitError as exc:
-            await self._redeliver(msg, exc)
+            await self._redeliver(msg, "commit failed", exc)
             raise
         # Any other error here is an after_commit hook's: the data is committed, and the
         # ack policy treats the error as a handler's. A cancellation during the commit
         # leaves the message unacked (FastStream 0.7 does not settle a cancelled handler's
         # message), so it comes again: at least once.
 
-    async def _redeliver(self, msg: StreamMessage[Any], error: CommitError) -> None:
-        """Nack ``msg`` after a failed commit, so that the broker delivers it again."""
+    async def _redeliver(self, msg: StreamMessage[Any], what: str, error: BaseException) -> None:
+        """Nack ``msg`` after ``what`` happened, so that the broker delivers it again."""
         if msg.committed is AckStatus.NACKED:  # the handler nacked it: it comes again anyway
-            _log.warning("commit failed for message %s, already nacked", msg.message_id)
+            _log.warning("%s for message %s, already nacked", what, msg.message_id)
             return
         if msg.committed is not None or self._ack_policy() is AckPolicy.ACK_FIRST:
             state = msg.committed.value if msg.committed is not None else "ACKED on delivery"
             _log.error(
-                "commit failed for message %s, which was already %s (ack_policy=ACK_FIRST or "
-                "settled by the handler): it will not be redelivered: %s",
+                "%s for message %s, which was already %s (ack_policy=ACK_FIRST or settled "
+                "by the handler): it will not be redelivered: %s",
+                what,
                 msg.message_id,
                 state,
                 error,
@@ -184,14 +219,24 @@ class SessionMiddleware(BaseMiddleware):
             await msg.nack()
         except Exception:
             _log.exception(
-                "commit failed for message %s and nacking it failed too; it is redelivered "
-                "only if the broker sees no ack (e.g. when the connection closes)",
+                "%s for message %s and nacking it failed too; it is redelivered only if the "
+                "broker sees no ack (e.g. when the connection closes)",
+                what,
                 msg.message_id,
             )
         else:
-            _log.warning("commit failed for message %s: nacked for redelivery", msg.message_id)
+            _log.warning("%s for message %s: nacked for redelivery", what, msg.message_id)
 
     def _ack_policy(self) -> AckPolicy | None:
         subscriber = self.context.get_local("handler_")
         policy = getattr(subscriber, "ack_policy", None)
         return policy if isinstance(policy, AckPolicy) else None
+
+
+def _is_error(exc: BaseException) -> bool:
+    """An error of the handler, not one of its decisions nor a cancellation.
+
+    ``NackMessage``, ``RejectMessage`` and ``SkipMessage`` settle the message as the handler
+    asked; a cancelled handler's message is left unsettled by FastStream, so it comes again.
+    """
+    return isinstance(exc, Exception) and not isinstance(exc, HandlerException)

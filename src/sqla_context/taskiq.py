@@ -27,6 +27,10 @@ When the message is acknowledged
         pre_execute -> [when_received] -> task -> on_error -> [when_executed]
                     -> post_execute -> store result -> post_save -> [when_saved]
 
+    A cancelled task, and one that fails after an early commit, never get there: ``on_error``
+    re-raises, which ends the handling before both the ``when_executed`` and ``when_saved``
+    acks (see below).
+
     taskiq has no hook between a successful task function and the ``when_executed`` ack,
     so the commit happens in ``post_execute`` and the ack must come at ``when_saved``.
     ``pre_execute`` therefore sets the message's ``ack_type`` label to ``when_saved`` when
@@ -42,7 +46,9 @@ When the commit fails
     handling of the message before the result is stored and before the ``when_saved`` ack:
     the message stays unacknowledged and the broker redelivers it (Redis streams: it stays
     in the consumer group's pending list and is reclaimed after ``idle_timeout``). No
-    result is stored for that execution and ``post_save`` hooks do not run. Brokers
+    result is stored for that execution and ``post_save`` hooks do not run. A
+    ``CommitError`` that escapes the task function (``db.close_session()`` failed) is a
+    failed commit too: ``on_error`` logs and re-raises it, before any ack. Brokers
     without acknowledgements (``ListQueueBroker``, ``PubSubBroker``, ``InMemoryBroker``)
     removed the message when it was received: nothing can redeliver it, so the failure is
     only logged (``InMemoryBroker`` also raises it: from ``kiq()`` as the ``__cause__`` of a
@@ -52,12 +58,51 @@ When the commit fails
 When the task raises
     ``on_error`` rolls the scope back and closes it right away, before a ``when_executed``
     ack and, when this middleware was added last, before the other middlewares' ``on_error``
-    (a retry middleware may re-send the task). This includes a ``timeout`` label expiring,
-    a cancelled task (taskiq reports the cancellation as the task's error),
-    ``NoResultError``, ``Context.requeue()`` and ``Context.reject()``. Afterwards taskiq
-    acknowledges the message as it does for every failed task (its retries come from a
-    retry middleware, not from redelivery): that is sound, since nothing of the failed
-    attempt was committed.
+    (a retry middleware may re-send the task). What happens to the message next depends on
+    what ended the task:
+
+    - An error (any ``Exception``: a bug, ``NoResultError``, ``Context.requeue()``,
+      ``Context.reject()``, the ``TimeoutError`` of an expired ``timeout`` label; not a
+      ``CommitError``, see above) and nothing committed before it: taskiq acknowledges the
+      message as it does for every failed task (its retries come from a retry middleware,
+      not from redelivery). That is sound, since nothing of the failed attempt was
+      committed. A timeout counts as the task's own failure: it ran past the time its label
+      allows, and would most likely do so again if the broker delivered it again.
+    - A cancellation: an ``asyncio.CancelledError`` (the handling task was cancelled, say by
+      ``asyncio.run()`` ending with tasks still running, or by an application that embeds
+      the worker and shuts down), a pending cancellation request on the handling task
+      whatever the task raised, or ``KeyboardInterrupt``/``SystemExit``. taskiq catches
+      ``BaseException`` around the task and would report it as an error, then acknowledge
+      the message: it would be lost with its work undone. ``on_error`` re-raises the
+      cancellation instead once the rollback is done, which ends taskiq's handling of the
+      message before the ``when_executed`` and ``when_saved`` acks (whatever the
+      ``ack_type`` and ``ack_after_commit``), before the other middlewares' ``on_error``
+      and ``post_execute``, and before a result is stored. The message stays
+      unacknowledged and the broker delivers it again (Redis streams: after
+      ``idle_timeout``). A message acknowledged ``when_received`` was acked before the task
+      ran (at most once by definition): nothing can bring it back. Under ``manual`` it is
+      whatever the task did.
+    - An error after an early commit: see below.
+
+Early commits
+    ``db.commit()``, ``db.close_session()`` and top-level ``db.transaction()`` blocks commit
+    before the task ends, and such a commit is final: nothing undoes it. The rule, the same
+    as in :mod:`sqla_context.faststream`: **a message whose work is partly committed is
+    never acknowledged as failed.** If the task raises after an early commit, the rest of
+    its work is rolled back and ``on_error`` re-raises the error (logged at ERROR), so that
+    the message is not acknowledged and the broker delivers it again, as after a failed
+    commit. At least once then means: the task runs again from its start, over what the
+    earlier attempts committed, until one attempt succeeds. A task that commits early must
+    therefore be idempotent up to its last early commit (look for what it committed and go
+    on from there). Exceptions: ``Context.requeue()`` (its copy of the message carries the
+    work) and ``Context.reject()`` are the task's own decision and acknowledged as usual.
+    Only commits made through sqla_context count (those that run the commit hooks), not a
+    direct ``session.commit()``, nor independent work (``run_isolated()``,
+    ``db.new_session()``, ``scope(nested="new")``). End read-only work early with
+    ``db.close_session(commit=False)``: that commits nothing. A retry middleware does not
+    see these errors (its ``on_error`` runs after this one's), and nothing bounds the
+    redeliveries: a task that fails every time after an early commit comes back every
+    ``idle_timeout``.
 
 Safety net
     If the task's handling ends without reaching this middleware's ``post_execute`` (a
@@ -78,16 +123,25 @@ import contextlib
 import functools
 import logging
 from contextvars import ContextVar, Token
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 try:
     from taskiq import TaskiqMessage, TaskiqMiddleware, TaskiqResult
+    from taskiq.exceptions import NoResultError
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(
         "sqla_context.taskiq needs taskiq: pip install 'sqla-context[taskiq]'"
     ) from exc
+try:  # Context.reject() raises it (taskiq 0.11 and later)
+    from taskiq.exceptions import TaskRejectedError
+except ImportError:  # pragma: no cover - depends on the taskiq version
+    TaskRejectedError = NoResultError  # type: ignore[misc,assignment]
 
 from ._scope import _Unit
+from .exceptions import CommitError
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncSession
 
 __all__ = ["SessionMiddleware"]
 
@@ -97,20 +151,46 @@ _log = logging.getLogger("sqla_context")
 _ACK_LABEL = "ack_type"
 #: ``ack_type`` values after which the commit could come too late.
 _MOVED_TO_WHEN_SAVED = frozenset({"when_executed"})
+#: Errors by which the task itself settled its message: ``Context.requeue()`` (it sent a
+#: copy, then raises NoResultError) and ``Context.reject()``.
+_SETTLED_BY_THE_TASK = (NoResultError, TaskRejectedError)
 
 
 class _Execution:
     """One task execution's scope, and what is needed to end it and restore the context."""
 
-    __slots__ = ("done_callback", "finished", "state_token", "task", "token", "unit")
+    __slots__ = (
+        "committed",
+        "done_callback",
+        "finished",
+        "state_token",
+        "task",
+        "token",
+        "unit",
+    )
 
-    def __init__(self, unit: _Unit, token: Token[_Unit | None]) -> None:
-        self.unit = unit
-        self.token = token
+    def __init__(self) -> None:
+        #: Set by the first commit in the scope (db.commit(), db.close_session(), ...).
+        self.committed = False
+        self.unit = _Unit(after_commit=self._saw_commit)
+        self.token = self.unit.enter()
         self.state_token: Token[_Execution | None] | None = None
         self.task: asyncio.Task[Any] | None = None
         self.done_callback: Any = None
         self.finished = False
+
+    def _saw_commit(self, _session: AsyncSession) -> None:
+        self.committed = True
+
+    def finish(self) -> None:
+        """Mark the execution ended and restore the context it was opened in."""
+        self.finished = True
+        if self.task is not None:
+            self.task.remove_done_callback(self.done_callback)
+        _Unit.exit(self.token)
+        if self.state_token is not None:
+            with contextlib.suppress(ValueError):
+                _execution.reset(self.state_token)
 
 
 _execution: ContextVar[_Execution | None] = ContextVar("sqla_context.taskiq", default=None)
@@ -135,7 +215,10 @@ class SessionMiddleware(TaskiqMiddleware):
     is acknowledged; when it raises, they are rolled back (in ``on_error``). They are closed
     either way. If the commit fails, the error is logged and re-raised, so taskiq neither
     stores a result nor acknowledges the message, and a broker with acknowledgements
-    redelivers it. See the module docstring for the exact ordering and its preconditions.
+    redelivers it. The same goes for a task that was cancelled, and for one that raised after
+    committing part of its work early (``db.commit()``, ``db.close_session()``): ``on_error``
+    re-raises, before taskiq's ack. See the module docstring for the exact ordering and its
+    preconditions.
 
     Args:
         ack_after_commit: ``True`` (default): set the message's ``ack_type`` label to
@@ -165,8 +248,7 @@ class SessionMiddleware(TaskiqMiddleware):
             label = message.labels.get(_ACK_LABEL)
             if label is None or _ack_name(label) in _MOVED_TO_WHEN_SAVED:
                 message.labels[_ACK_LABEL] = "when_saved"
-        unit = _Unit()
-        execution = _Execution(unit, unit.enter())
+        execution = _Execution()
         execution.state_token = _execution.set(execution)
         task = asyncio.current_task()
         if task is not None:
@@ -181,10 +263,54 @@ class SessionMiddleware(TaskiqMiddleware):
         result: TaskiqResult[Any],
         exception: BaseException,
     ) -> None:
-        """Roll back and close the execution's sessions as soon as the task has failed."""
+        """Roll back and close the execution's sessions as soon as the task has failed.
+
+        Raises:
+            asyncio.CancelledError: the task was cancelled (also raised for a task that
+                raised something else while a cancellation of its handling was pending;
+                ``KeyboardInterrupt`` and ``SystemExit`` are re-raised as they are).
+                Re-raised on purpose, after the rollback: it stops taskiq before it
+                acknowledges the message.
+            Exception: the task's own error, when the task had committed part of its work
+                (``db.commit()``, ``db.close_session()``...) before it raised, or when it is a
+                :class:`~sqla_context.CommitError` (``db.close_session()`` failed): the
+                message must come again, not be acknowledged.
+        """
         execution = _execution.get()
-        if execution is not None and not execution.finished:
+        if execution is None or execution.finished:
+            return
+        cancelled = _cancelled(exception)
+        # A CommitError that escaped the task (from db.close_session()) is a failed commit,
+        # as in post_execute: the message must come again.
+        commit_failed = isinstance(exception, CommitError)
+        partly_committed = execution.committed and not isinstance(exception, _SETTLED_BY_THE_TASK)
+        if not (cancelled or commit_failed or partly_committed):
+            await execution.unit.end(failed=True)  # post_execute restores the context
+            return
+        # taskiq's handling of the message must end here, before its ack: restore the
+        # context now, post_execute will not run.
+        try:
             await execution.unit.end(failed=True)
+        finally:
+            execution.finish()
+        if cancelled:
+            _log.warning(
+                "taskiq task %s (id %s) was cancelled: rolled back, the message is not "
+                "acknowledged",
+                message.task_name,
+                message.task_id,
+            )
+            if isinstance(exception, Exception):
+                raise asyncio.CancelledError() from exception
+            raise exception
+        _log.error(
+            "%s for taskiq task %s (id %s); the message is not acknowledged, so that it is "
+            "delivered again",
+            "commit failed" if commit_failed else "failed after committing part of its work",
+            message.task_name,
+            message.task_id,
+        )
+        raise exception
 
     async def post_execute(self, message: TaskiqMessage, result: TaskiqResult[Any]) -> None:
         """Commit (or roll back) and close the execution's sessions; restore the context.
@@ -196,9 +322,6 @@ class SessionMiddleware(TaskiqMiddleware):
         execution = _execution.get()
         if execution is None or execution.finished:
             return
-        execution.finished = True
-        if execution.task is not None:
-            execution.task.remove_done_callback(execution.done_callback)
         try:
             await execution.unit.end(failed=result.is_err)
         except Exception:
@@ -209,10 +332,20 @@ class SessionMiddleware(TaskiqMiddleware):
             )
             raise
         finally:
-            _Unit.exit(execution.token)
-            if execution.state_token is not None:
-                with contextlib.suppress(ValueError):
-                    _execution.reset(execution.state_token)
+            execution.finish()
+
+
+def _cancelled(exception: BaseException) -> bool:
+    """Whether the task ended because its handling was cancelled, not by an error of its own.
+
+    A ``timeout`` label's expiry is not a cancellation: anyio turns it into a TimeoutError
+    and withdraws its cancellation request (``Task.uncancel()``).
+    """
+    if not isinstance(exception, Exception):  # CancelledError, KeyboardInterrupt, SystemExit
+        return True
+    task = asyncio.current_task()
+    cancelling = getattr(task, "cancelling", None)  # Python 3.11+
+    return cancelling is not None and cancelling() > 0
 
 
 def _abandoned(execution: _Execution, task_name: str, _task: asyncio.Task[Any]) -> None:

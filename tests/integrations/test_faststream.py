@@ -10,8 +10,11 @@ settlements in the sequence they happened. A redelivery is RabbitMQ's own:
 ``raw_message.redelivered``.
 
 RabbitMQ is 127.0.0.1:5672, guest/guest (override with SQLA_CONTEXT_RABBIT_URL); when it
-is unreachable the tests skip, or fail under SQLA_CONTEXT_REQUIRE_SERVERS=1. A few extra
-tests use FastStream's in-memory TestRabbitBroker.
+is unreachable the tests skip, or fail under SQLA_CONTEXT_REQUIRE_SERVERS=1. The rule for
+early commits is also checked on a Redis stream (SQLA_CONTEXT_REDIS_URL, 127.0.0.1:6379) and
+on NATS JetStream (SQLA_CONTEXT_NATS_URL, 127.0.0.1:4222), the same way, with their own
+message classes' settlements recorded. A few extra tests use FastStream's in-memory
+TestRabbitBroker.
 """
 
 # No `from __future__ import annotations`: FastStream (fast_depends) reads the handlers'
@@ -24,17 +27,23 @@ import logging
 import os
 import sys
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Annotated, Any
 
 import aio_pika
+import nats
 import pytest
-from faststream import AckPolicy, Depends
-from faststream.exceptions import AckMessage, NackMessage
+from faststream import AckPolicy, Depends, StreamMessage
+from faststream.exceptions import AckMessage, NackMessage, RejectMessage
+from faststream.nats import JStream, NatsBroker, PullSub
+from faststream.nats.message import NatsMessage
 from faststream.rabbit import RabbitBroker, RabbitQueue, TestRabbitBroker
 from faststream.rabbit.annotations import RabbitMessage as Message
 from faststream.rabbit.message import RabbitMessage
+from faststream.redis import RedisBroker, StreamSub
+from faststream.redis.message import RedisStreamMessage
+from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from sqla_context import scope
@@ -43,6 +52,8 @@ from sqla_context.faststream import SessionMiddleware
 from ..conftest import REQUIRE_SERVERS, Backend, insert
 
 RABBIT_URL = os.environ.get("SQLA_CONTEXT_RABBIT_URL", "amqp://guest:guest@127.0.0.1:5672/")
+REDIS_URL = os.environ.get("SQLA_CONTEXT_REDIS_URL", "redis://127.0.0.1:6379/0")
+NATS_URL = os.environ.get("SQLA_CONTEXT_NATS_URL", "nats://127.0.0.1:4222")
 
 #: Upper bound of every wait; never reached when a test passes.
 TIMEOUT = 30.0
@@ -67,6 +78,40 @@ async def rabbit_url() -> str:
             pytest.fail(f"SQLA_CONTEXT_REQUIRE_SERVERS is set but {problem}")
         pytest.skip(problem)
     return RABBIT_URL
+
+
+async def _require(name: str, probe: Callable[[], Awaitable[None]]) -> None:
+    """Skip (or fail under SQLA_CONTEXT_REQUIRE_SERVERS) unless ``probe()`` succeeds."""
+    try:
+        await asyncio.wait_for(probe(), 10)
+    except Exception as exc:
+        problem = f"{name} is unreachable: {type(exc).__name__}: {exc}"
+        if REQUIRE_SERVERS:
+            pytest.fail(f"SQLA_CONTEXT_REQUIRE_SERVERS is set but {problem}")
+        pytest.skip(problem)
+
+
+@pytest.fixture
+async def redis_url() -> str:
+    async def probe() -> None:
+        async with Redis.from_url(REDIS_URL) as client:
+            await client.ping()
+
+    await _require(f"Redis at {REDIS_URL}", probe)
+    return REDIS_URL
+
+
+@pytest.fixture
+async def nats_url() -> str:
+    async def probe() -> None:
+        client = await nats.connect(NATS_URL, connect_timeout=5, max_reconnect_attempts=0)
+        try:
+            await client.jetstream().account_info()  # JetStream is enabled
+        finally:
+            await client.close()
+
+    await _require(f"NATS JetStream at {NATS_URL}", probe)
+    return NATS_URL
 
 
 def unique_queue(**options: Any) -> RabbitQueue:
@@ -102,19 +147,26 @@ class Harness:
     settlement ("ack", "nack", "reject"); ``settled`` yields the settlements as they happen.
     """
 
-    def __init__(self, backend: Backend, monkeypatch: pytest.MonkeyPatch) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        monkeypatch: pytest.MonkeyPatch,
+        message_class: type[StreamMessage[Any]] = RabbitMessage,
+        redelivered: Callable[[Any], bool] = lambda message: message.raw_message.redelivered,
+    ) -> None:
         self.backend = backend
         self.order: list[str] = []
         self.db = backend.database(after_commit=lambda _session: self.order.append("commit"))
         self.settled: asyncio.Queue[Settlement] = asyncio.Queue()
+        self.redelivered = redelivered
         for kind in ("ack", "nack", "reject"):
-            monkeypatch.setattr(RabbitMessage, kind, self._recording(kind))
+            monkeypatch.setattr(message_class, kind, self._recording(message_class, kind))
 
-    def _recording(self, kind: str) -> Any:
-        original = getattr(RabbitMessage, kind)
+    def _recording(self, message_class: type[StreamMessage[Any]], kind: str) -> Any:
+        original = getattr(message_class, kind)
         harness = self
 
-        async def settle(message: RabbitMessage, *args: Any, **kwargs: Any) -> None:
+        async def settle(message: Any, *args: Any, **kwargs: Any) -> None:
             if message.committed is not None:  # already settled: FastStream makes it a no-op
                 await original(message, *args, **kwargs)
                 return
@@ -133,7 +185,7 @@ class Harness:
                 Settlement(
                     kind,
                     message.body,
-                    bool(message.raw_message.redelivered),
+                    bool(harness.redelivered(message)),
                     committed,
                     checked_out,
                 )
@@ -160,8 +212,53 @@ def sqlite_harness(sqlite: Backend, rabbit_url: str, monkeypatch: pytest.MonkeyP
     return Harness(sqlite, monkeypatch)
 
 
+async def assert_clean(harness: Harness, rows: list[str]) -> None:
+    """Exactly ``rows`` are committed, no connection is checked out, no transaction is open."""
+    assert await harness.backend.names() == rows
+    assert harness.db.engine.pool.checkedout() == 0
+    assert await harness.backend.open_transactions() == 0
+
+
+def commits_early(harness: Harness) -> tuple[Callable[[str], Awaitable[None]], list[list[str]]]:
+    """A handler that commits row A early, writes B, and fails on its first delivery.
+
+    It is idempotent up to its early commit, as the rule asks: a delivery that finds A (left
+    by an earlier one) does not write it again. ``seen`` gets the committed rows each
+    delivery found.
+    """
+    seen: list[list[str]] = []
+
+    async def handle(body: str) -> None:
+        seen.append(await harness.backend.names())
+        session = await harness.db.session()
+        if f"{body}-A" not in seen[-1]:
+            await insert(session, f"{body}-A")
+            await harness.db.commit()  # final: no later failure undoes it
+        await insert(session, f"{body}-B")
+        if len(seen) == 1:
+            raise RuntimeError("failed after the early commit")
+
+    return handle, seen
+
+
+async def assert_early_commit_rule(
+    harness: Harness, seen: list[list[str]], *, redelivered: bool = True
+) -> None:
+    """The first delivery was nacked with A committed and B not; the next one finished."""
+    first = await harness.next_settlement()
+    # Under the default REJECT_ON_ERROR a failed handler is rejected: dropped with its work
+    # half done. A partly committed message is nacked instead, and delivered again.
+    assert (first.kind, first.committed, first.checked_out) == ("nack", ["a-A"], 0)
+    second = await harness.next_settlement()
+    assert (second.kind, second.committed, second.checked_out) == ("ack", ["a-A", "a-B"], 0)
+    assert second.redelivered is redelivered
+    assert seen == [[], ["a-A"]]  # the redelivery found A and did only B
+    assert harness.order == ["commit", "nack", "commit", "ack"]
+    await assert_clean(harness, ["a-A", "a-B"])
+
+
 @contextlib.asynccontextmanager
-async def running(broker: RabbitBroker) -> AsyncIterator[RabbitBroker]:
+async def running(broker: Any) -> AsyncIterator[Any]:
     await within(broker.start())
     try:
         yield broker
@@ -353,6 +450,17 @@ async def test_broker_stopped_mid_transaction_leaks_nothing_and_loses_nothing(
     assert redelivered == [True]
 
 
+async def test_failure_after_an_early_commit_is_redelivered(harness: Harness) -> None:
+    """The rule for early commits: a partly committed message is never settled as failed."""
+    broker, queue = harness.broker(), unique_queue()
+    handle, seen = commits_early(harness)
+    broker.subscriber(queue)(handle)  # the default policy: REJECT_ON_ERROR
+
+    async with running(broker):
+        await broker.publish("a", queue)
+        await assert_early_commit_rule(harness, seen)
+
+
 # -- behaviour that does not depend on the database (SQLite, real RabbitMQ) -------------------
 
 
@@ -459,6 +567,99 @@ async def test_ack_first_cannot_redeliver_and_says_so(
     assert harness.order == []  # no ack/nack call: the consumer runs with no_ack
     assert "will not be redelivered" in caplog.text
     assert await harness.backend.names() == []
+
+
+async def test_reject_after_an_early_commit_is_the_handler_s_decision(
+    sqlite_harness: Harness,
+) -> None:
+    harness = sqlite_harness
+    broker, queue = harness.broker(), unique_queue()
+
+    @broker.subscriber(queue)
+    async def handle(body: str) -> None:
+        await insert(await harness.db.session(), f"{body}-A")
+        await harness.db.close_session()  # an early commit
+        await insert(await harness.db.session(), f"{body}-B")
+        raise RejectMessage()
+
+    async with running(broker):
+        await broker.publish("a", queue)
+        settlement = await harness.next_settlement()
+
+    assert (settlement.kind, settlement.committed) == ("reject", ["a-A"])
+    assert harness.order == ["commit", "reject"]
+    await assert_clean(harness, ["a-A"])
+
+
+# -- the rule for early commits on FastStream's other brokers (SQLite) -------------------------
+
+
+async def test_early_commit_rule_on_a_redis_stream(
+    sqlite: Backend, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis streams settle nothing but an ack (XACK): a nacked message stays pending.
+
+    A subscriber with ``min_idle_time`` claims it (XAUTOCLAIM) once it has been idle that
+    long, and its delivery finishes the work.
+    """
+    harness = Harness(sqlite, monkeypatch, RedisStreamMessage, lambda _message: False)
+    name = f"sqla-ctx-{uuid.uuid4().hex}"
+    broker = RedisBroker(redis_url, middlewares=[SessionMiddleware], graceful_timeout=10)
+    handle, seen = commits_early(harness)
+    consumers: list[str] = []
+
+    @broker.subscriber(stream=StreamSub(name, group=name, consumer="first", polling_interval=50))
+    async def first(body: str) -> None:
+        consumers.append("first")
+        await handle(body)
+
+    reclaimer = StreamSub(
+        name, group=name, consumer="reclaimer", min_idle_time=200, polling_interval=50
+    )
+
+    @broker.subscriber(stream=reclaimer)
+    async def reclaim(body: str) -> None:
+        consumers.append("reclaimer")
+        await handle(body)
+
+    try:
+        async with running(broker):
+            await broker.publish("a", stream=name)
+            await assert_early_commit_rule(harness, seen, redelivered=False)
+            async with Redis.from_url(redis_url) as client:
+                assert (await client.xpending(name, name))["pending"] == 0  # acked at last
+    finally:
+        async with Redis.from_url(redis_url) as client:
+            await client.delete(name)
+    assert consumers == ["first", "reclaimer"]
+
+
+async def test_early_commit_rule_on_nats_jetstream(
+    sqlite: Backend, nats_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """JetStream: a nack is a NAK, redelivered at once; a reject would be a TERM (dropped)."""
+
+    def redelivered(message: NatsMessage) -> bool:
+        return bool(message.raw_message.metadata.num_delivered > 1)
+
+    harness = Harness(sqlite, monkeypatch, NatsMessage, redelivered)
+    name = f"sqla-ctx-{uuid.uuid4().hex}"
+    broker = NatsBroker(nats_url, middlewares=[SessionMiddleware], graceful_timeout=10)
+    handle, seen = commits_early(harness)
+    stream = JStream(name, subjects=[name])
+    # A pull consumer, as FastStream recommends; a short fetch timeout lets stop() be quick.
+    broker.subscriber(name, stream=stream, durable=name, pull_sub=PullSub(timeout=0.2))(handle)
+
+    try:
+        async with running(broker):
+            await broker.publish("a", name, stream=name)
+            await assert_early_commit_rule(harness, seen)
+    finally:
+        client = await nats.connect(nats_url)
+        try:
+            await client.jetstream().delete_stream(name)
+        finally:
+            await client.close()
 
 
 # -- FastStream's in-memory TestRabbitBroker (no server) --------------------------------------

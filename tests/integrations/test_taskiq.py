@@ -15,16 +15,19 @@ import asyncio
 import contextlib
 import logging
 import os
+import sys
 import uuid
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Annotated, Any
 
 import pytest
 from redis.asyncio import Redis
 from taskiq import (
     AckableMessage,
     AcknowledgeType,
+    Context,
     InMemoryBroker,
+    TaskiqDepends,
     TaskiqMessage,
     TaskiqMiddleware,
     TaskiqResult,
@@ -261,6 +264,96 @@ async def test_timeout_rolls_back_and_leaks_nothing(backend: Backend, redis_url:
         assert await w.pending() == 0  # a failed task, acknowledged after its rollback
 
 
+async def redeliver(w: Worker) -> None:
+    """Let the broker reclaim the messages left pending, and wait for the nudge's handling.
+
+    The broker hands out a pending message again once it has been idle for idle_timeout,
+    checked when its listen loop fetches a message (the nudge).
+    """
+    await asyncio.sleep(0.4)  # the broker's clock, not a synchronisation
+    await w.kiq("nudge")
+
+
+def nudge_task(broker: RedisStreamBroker) -> None:
+    @broker.task(task_name="nudge")
+    async def nudge() -> None:
+        """A message for the listen loop: it reclaims idle pending ones after a fetch."""
+
+
+async def test_cancelled_task_is_rolled_back_and_not_acknowledged(
+    backend: Backend, redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """taskiq reports a cancellation as the task's error: it must not lead to an ack."""
+    db = backend.database()
+    parked = asyncio.Event()
+    handling: list[asyncio.Task[Any]] = []
+
+    def register(broker: RedisStreamBroker) -> None:
+        nudge_task(broker)
+
+        @broker.task(task_name="cancelled")
+        async def cancelled(name: str) -> None:
+            await insert(await db.session(), f"{name}-{len(handling) + 1}")
+            if not handling:
+                handling.append(asyncio.current_task())  # type: ignore[arg-type]
+                parked.set()
+                await asyncio.Event().wait()  # until the worker cancels the handling
+
+    async with worker(redis_url, register) as w:
+        await w.kiq("cancelled", "a")
+        await asyncio.wait_for(parked.wait(), TIMEOUT)
+        assert db.engine.pool.checkedout() == 1  # really mid-transaction
+        handling[0].cancel()  # what a worker does to a handling it gives up on
+        error = await w.receiver.next_finished()
+        assert await w.pending() == 1, "a cancelled task must not be acknowledged"
+        assert isinstance(error, asyncio.CancelledError)  # the handling ended cancelled
+        await assert_clean(backend, db, [])
+        assert "taskiq task cancelled (id" in caplog.text
+
+        await redeliver(w)
+        assert await w.receiver.next_finished() is None
+        assert await w.receiver.next_finished() is None
+        assert await w.pending() == 0
+    await assert_clean(backend, db, ["a-2"])
+
+
+async def test_failure_after_an_early_commit_is_delivered_again(
+    backend: Backend, redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The rule for early commits: a partly committed message is never acked as failed."""
+    db = backend.database()
+    attempts: list[list[str]] = []
+
+    def register(broker: RedisStreamBroker) -> None:
+        nudge_task(broker)
+
+        @broker.task(task_name="early")
+        async def early(name: str) -> None:
+            attempts.append(await backend.names())  # what the earlier attempts left
+            session = await db.session()
+            if f"{name}-A" not in attempts[-1]:  # idempotent up to its early commit
+                await insert(session, f"{name}-A")
+                await db.commit()  # final: no later failure undoes it
+            await insert(session, f"{name}-B")
+            if len(attempts) == 1:
+                raise RuntimeError("the slow call after the early commit failed")
+
+    async with worker(redis_url, register) as w:
+        await w.kiq("early", "x")
+        error = await w.receiver.next_finished()
+        assert await w.pending() == 1, "not acknowledged: the rest of its work must be done"
+        assert isinstance(error, RuntimeError)  # re-raised by on_error, before the ack
+        await assert_clean(backend, db, ["x-A"])  # A stays, B was rolled back
+        assert "failed after committing part of its work" in caplog.text
+
+        await redeliver(w)
+        assert await w.receiver.next_finished() is None
+        assert await w.receiver.next_finished() is None
+        assert await w.pending() == 0
+    assert attempts == [[], ["x-A"]]  # the second attempt found A and did only B
+    await assert_clean(backend, db, ["x-A", "x-B"])
+
+
 # -- ack configurations and failure paths (independent of the database) ----------------------
 
 
@@ -316,6 +409,122 @@ async def test_ack_after_commit_false_leaves_the_labels_alone(
         await w.kiq("doomed")
         assert isinstance(await w.receiver.next_finished(), CommitError)
         assert await w.pending() == 0, "acknowledged before post_execute, as configured"
+    await assert_clean(sqlite, db, [])
+
+
+@pytest.mark.parametrize(
+    ("labels", "ack_after_commit", "worker_ack", "pending"),
+    [
+        # on_error re-raises before the when_executed ack too, labels untouched or not
+        pytest.param({}, False, AcknowledgeType.WHEN_EXECUTED, 1, id="when_executed"),
+        pytest.param({}, True, AcknowledgeType.WHEN_SAVED, 1, id="when_saved"),
+        # acked before the task ran: at most once, as the task asked
+        pytest.param({"ack_type": "when_received"}, True, None, 0, id="when_received"),
+    ],
+)
+async def test_cancellation_under_each_ack_type(
+    sqlite: Backend,
+    redis_url: str,
+    labels: dict[str, Any],
+    ack_after_commit: bool,
+    worker_ack: AcknowledgeType | None,
+    pending: int,
+) -> None:
+    db = sqlite.database()
+    parked = asyncio.Event()
+    handling: list[asyncio.Task[Any]] = []
+
+    def register(broker: RedisStreamBroker) -> None:
+        @broker.task(task_name="cancelled", **labels)
+        async def cancelled() -> None:
+            await insert(await db.session(), "lost")
+            handling.append(asyncio.current_task())  # type: ignore[arg-type]
+            parked.set()
+            await asyncio.Event().wait()
+
+    middleware = SessionMiddleware(ack_after_commit=ack_after_commit)
+    async with worker(redis_url, register, session_middleware=middleware, ack_type=worker_ack) as w:
+        await w.kiq("cancelled")
+        await asyncio.wait_for(parked.wait(), TIMEOUT)
+        handling[0].cancel()
+        error = await w.receiver.next_finished()
+        assert await w.pending() == pending
+        assert isinstance(error, asyncio.CancelledError)
+    await assert_clean(sqlite, db, [])
+
+
+async def test_task_that_turns_its_cancellation_into_an_error_is_not_acknowledged(
+    sqlite: Backend, redis_url: str
+) -> None:
+    """The handling was cancelled, whatever the task raised on its way out."""
+    if sys.version_info < (3, 11):
+        pytest.skip("Task.cancelling() came with Python 3.11")
+    db = sqlite.database()
+    parked = asyncio.Event()
+    handling: list[asyncio.Task[Any]] = []
+
+    def register(broker: RedisStreamBroker) -> None:
+        @broker.task(task_name="converts")
+        async def converts() -> None:
+            await insert(await db.session(), "lost")
+            handling.append(asyncio.current_task())  # type: ignore[arg-type]
+            parked.set()
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                raise RuntimeError("interrupted") from None
+
+    async with worker(redis_url, register) as w:
+        await w.kiq("converts")
+        await asyncio.wait_for(parked.wait(), TIMEOUT)
+        handling[0].cancel()
+        error = await w.receiver.next_finished()
+        assert await w.pending() == 1
+        assert isinstance(error, asyncio.CancelledError)
+        assert isinstance(error.__cause__, RuntimeError)
+    await assert_clean(sqlite, db, [])
+
+
+async def test_reject_after_an_early_commit_is_the_task_s_own_decision(
+    sqlite: Backend, redis_url: str
+) -> None:
+    db = sqlite.database()
+
+    def register(broker: RedisStreamBroker) -> None:
+        @broker.task(task_name="gives_up")
+        async def gives_up(context: Annotated[Context, TaskiqDepends()]) -> None:
+            await insert(await db.session(), "A")
+            await db.close_session()  # an early commit
+            await insert(await db.session(), "B")
+            context.reject()
+
+    async with worker(redis_url, register) as w:
+        await w.kiq("gives_up")
+        assert await w.receiver.next_finished() is None
+        assert await w.pending() == 0, "Context.reject(): acknowledged as the task asked"
+    await assert_clean(sqlite, db, ["A"])
+
+
+async def test_failed_early_close_is_not_acknowledged(
+    sqlite: Backend, redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A CommitError from db.close_session() escaping the task is a failed commit."""
+    db = sqlite.database()
+
+    def register(broker: RedisStreamBroker) -> None:
+        @broker.task(task_name="doomed")
+        async def doomed() -> None:
+            session = await db.session()
+            await insert(session, "lost")
+            await sqlite.doom(session)
+            await db.close_session()  # raises CommitError
+
+    async with worker(redis_url, register) as w:
+        await w.kiq("doomed")
+        error = await w.receiver.next_finished()
+        assert await w.pending() == 1, "a failed commit must not be acknowledged"
+        assert isinstance(error, CommitError)
+    assert "commit failed for taskiq task doomed" in caplog.text
     await assert_clean(sqlite, db, [])
 
 
