@@ -6,8 +6,8 @@ import asyncio
 import contextlib
 import logging
 import threading
-from asyncio import get_running_loop
 from collections.abc import AsyncIterator, Mapping
+from threading import get_ident
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import URL, Connection, event, make_url
@@ -422,9 +422,9 @@ class Database:
         if unit is None:
             raise NoScopeError(self.name)
         session = unit.sessions.get(self)
-        if session is not None and unit.loop is get_running_loop():
+        if session is not None and unit.thread == get_ident():
             return session
-        if unit.loop is not get_running_loop():
+        if unit.thread != get_ident():
             raise EventLoopError(self.name, scope=True)
         if unit.closed:
             raise ScopeClosedError(self.name)

@@ -25,6 +25,7 @@ import logging
 import sys
 from collections.abc import Awaitable, Callable, Coroutine
 from contextvars import ContextVar, Token
+from threading import get_ident
 from typing import TYPE_CHECKING, Any, get_args
 
 from sqlalchemy.exc import IllegalStateChangeError
@@ -84,8 +85,8 @@ class _Unit:
         "commit",
         "failed",
         "locks",
-        "loop",
         "sessions",
+        "thread",
     )
 
     def __init__(
@@ -102,8 +103,11 @@ class _Unit:
         self.locks: dict[Database, asyncio.Lock] | None = None
         self.closed = False
         self.failed = False
-        # Sessions and connections belong to one event loop; see Database.session().
-        self.loop = asyncio.get_running_loop()
+        # Sessions and connections belong to the event loop they were made in, and a thread
+        # runs one loop at a time: the unit serves the thread it was made in. (The thread,
+        # not the loop: get_ident() costs a fraction of get_running_loop() on Python 3.11,
+        # and Database.session() checks it on every call; see benchmarks/README.md.)
+        self.thread = get_ident()
 
     def enter(self) -> Token[_Unit | None]:
         """Make this unit the current scope of the running context."""
@@ -122,8 +126,8 @@ class _Unit:
             pass
 
     def is_current(self) -> bool:
-        """True while this unit is open and may be used from the running event loop."""
-        return not self.closed and self.loop is asyncio.get_running_loop()
+        """True while this unit is open and may be used from the running thread's loop."""
+        return not self.closed and self.thread == get_ident()
 
     async def end(self, *, failed: bool, close: bool = True) -> None:
         """Commit (unless ``failed``, see ``commit``) or roll back every session.
