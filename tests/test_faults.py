@@ -18,7 +18,7 @@ from sqlalchemy import text
 
 from sqla_context import CommitError, Database, scope
 
-from ..conftest import BACKENDS, Backend, insert
+from .conftest import BACKENDS, Backend, insert
 from .faultproxy import COMMIT, FaultProxy, fault_proxy
 
 #: Bound of every wait in these tests; a test that needs it has found a hang.

@@ -51,7 +51,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from sqla_context import Database, TransactionAlreadyOpenError, scope
 
-from ..conftest import BACKENDS, Backend
+from .conftest import BACKENDS, Backend
 
 #: Bound of every single step; a step that takes longer is a hang, reported as a failure.
 STEP_TIMEOUT = 15.0
