@@ -25,9 +25,6 @@ from sqla_context import Database
 
 REQUIRE_SERVERS = os.environ.get("SQLA_CONTEXT_REQUIRE_SERVERS", "") not in ("", "0")
 
-# Written for the hardening issue but not collected yet: see tests/_pending/__init__.py.
-collect_ignore = ["_pending"]
-
 PG_URL = os.environ.get("SQLA_CONTEXT_PG_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test")
 PSYCOPG_URL = os.environ.get(
     "SQLA_CONTEXT_PSYCOPG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -48,6 +45,11 @@ _unreachable: dict[str, str] = {}  # url -> reason, so a dead server costs one t
 # opened: open_transactions() looks only at these, so other processes using the same
 # database (a parallel test run, a developer's psql) cannot make a test fail.
 _server_ids: set[int] = set()
+# PostgreSQL backend pids are OS pids, reused once the machine's pids wrap around
+# (pid_max is often 32768): a pid recorded here may belong to another process's backend
+# later. Its start time (microseconds since the epoch) tells ours apart.
+_pg_backend_starts: dict[int, int] = {}
+_PG_START = "(extract(epoch FROM backend_start) * 1000000)::bigint"
 
 
 @event.listens_for(Engine, "connect")
@@ -58,8 +60,12 @@ def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         # SQLite enforces foreign keys (so deferred ones, checked at COMMIT) only when asked.
         cursor.execute("PRAGMA foreign_keys=ON")
     elif "postgresql" in module:
-        cursor.execute("SELECT pg_backend_pid()")
-        _server_ids.add(int(cursor.fetchone()[0]))
+        cursor.execute(
+            f"SELECT pid, {_PG_START} FROM pg_stat_activity WHERE pid = pg_backend_pid()"
+        )
+        pid, started = cursor.fetchone()
+        _server_ids.add(int(pid))
+        _pg_backend_starts[int(pid)] = int(started)
     else:
         cursor.execute("SELECT connection_id()")
         _server_ids.add(int(cursor.fetchone()[0]))
@@ -184,10 +190,11 @@ class Backend:
             if self.kind == "postgresql":
                 ids = ", ".join(map(str, sorted(_server_ids)))
                 sql = (
-                    "SELECT count(*) FROM pg_stat_activity WHERE pid <> pg_backend_pid() "
-                    f"AND state LIKE 'idle in transaction%' AND pid IN ({ids})"
+                    f"SELECT pid, {_PG_START} FROM pg_stat_activity WHERE pid <> "
+                    f"pg_backend_pid() AND state LIKE 'idle in transaction%' AND pid IN ({ids})"
                 )
-                return int((await conn.execute(text(sql))).scalar_one())
+                rows = (await conn.execute(text(sql))).all()
+                return sum(_pg_backend_starts.get(pid) == started for pid, started in rows)
             # MariaDB serves information_schema.innodb_trx from a cache refreshed at most
             # every 100 ms, so it can show a finished transaction or miss a new one. The
             # InnoDB status report lists the live transactions.

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import threading
+from typing import Any
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import event, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from sqla_context import Database, NoScopeError, scope
@@ -302,3 +304,60 @@ async def test_cancellation_storm_during_rollback(backend: Backend) -> None:
     assert db.engine.pool.checkedout() == 0
     assert not sessions[0].in_transaction()
     await assert_clean(backend, db, [])
+
+
+# -- SQLite: a statement interrupted by a cancellation -----------------------------------------
+
+
+@pytest.mark.parametrize("sqlite_begin", [True, False], ids=["sqlite_begin", "driver_begin"])
+async def test_sqlite_cancel_mid_statement_leaves_no_lock_behind(
+    sqlite: Backend, sqlite_begin: bool
+) -> None:
+    """A SELECT cut short by a cancellation must not keep the database file locked.
+
+    Regression: SQLAlchemy invalidates the connection without closing the interrupted
+    cursor, which the cancelled task's traceback keeps alive; since Python 3.11 closing
+    the sqlite3 connection then leaves its transaction (and its lock) open until the task
+    is garbage-collected, so the next scope's COMMIT failed with "database is locked".
+    The task is kept referenced here, as a framework or a caller's ``gather()`` would.
+    """
+    db = sqlite.database(
+        sqlite_begin=sqlite_begin,
+        # A lock left behind fails the write after 1 s instead of the default 5 s.
+        engine_options={"connect_args": {"timeout": 1}},
+    )
+    loop = asyncio.get_running_loop()
+    in_statement = asyncio.Event()
+    release = threading.Event()
+
+    def wait_here() -> int:  # runs in aiosqlite's worker thread, inside the SELECT
+        loop.call_soon_threadsafe(in_statement.set)
+        release.wait(TIMEOUT)
+        return 1
+
+    @event.listens_for(db.engine.sync_engine, "connect")
+    def _register(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.create_function("wait_here", 0, wait_here)
+
+    async with scope():
+        await insert(await db.session(), "kept")
+
+    async def body() -> None:
+        async with scope():
+            session = await db.session()
+            await session.execute(text("SELECT name, wait_here() FROM items"))
+
+    task = asyncio.create_task(body())
+    try:
+        await asyncio.wait_for(in_statement.wait(), TIMEOUT)
+        task.cancel()  # the SELECT is running in the worker thread: it is interrupted
+    finally:
+        release.set()
+    (result,) = await asyncio.wait_for(asyncio.gather(task, return_exceptions=True), TIMEOUT)
+    assert isinstance(result, asyncio.CancelledError)
+    assert db.engine.pool.checkedout() == 0
+
+    async with scope():  # a writer: fails with "database is locked" if a lock was left
+        await insert(await db.session(), "written-after")
+    await assert_clean(sqlite, db, ["kept", "written-after"])
+    assert task.cancelled()  # still referenced: the fix must not depend on collecting it

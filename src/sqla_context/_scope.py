@@ -345,8 +345,7 @@ async def _statements_done(session: AsyncSession) -> list[Any]:
     """
     connections = _connections(session)
     for connection in connections:
-        fairy = getattr(connection, "_dbapi_connection", None)
-        mutex = getattr(getattr(fairy, "dbapi_connection", None), "_execute_mutex", None)
+        mutex = _statement_lock(connection)
         if mutex is not None and mutex.locked():
             try:
                 await asyncio.wait_for(mutex.acquire(), _FINISH_TIMEOUT)
@@ -360,6 +359,22 @@ async def _statements_done(session: AsyncSession) -> list[Any]:
             else:
                 mutex.release()
     return connections
+
+
+def _statement_lock(connection: Any) -> asyncio.Lock | None:
+    """The lock the driver holds while a statement runs on ``connection`` (None: unknown).
+
+    SQLAlchemy's adapters for asyncpg, asyncmy and aiosqlite take their ``_execute_mutex``;
+    the psycopg adapter leaves that unused and relies on psycopg's own connection lock.
+    """
+    adapted = getattr(getattr(connection, "_dbapi_connection", None), "dbapi_connection", None)
+    for lock in (
+        getattr(getattr(adapted, "_connection", None), "lock", None),  # psycopg
+        getattr(adapted, "_execute_mutex", None),
+    ):
+        if isinstance(lock, asyncio.Lock) and lock.locked():
+            return lock
+    return getattr(adapted, "_execute_mutex", None)
 
 
 async def _close_later(db: Database, session: AsyncSession) -> None:
