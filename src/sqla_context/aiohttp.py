@@ -23,6 +23,15 @@ When the commit happens
     error: an error-page middleware renders its 500, an error tracker records it. A request
     whose data was not committed is never answered with the handler's status.
 
+A handler that raised
+    A handler's exception that a middleware turns into a response is rolled back whatever
+    the status of that response (a 302 to a "sold out" page, or a 200), like the exception
+    itself (a raised ``web.HTTPException`` counts as its own status). An error-page
+    middleware *outside* ``session_middleware()`` is seen by it as the exception. One
+    inside it (``setup()`` puts the session middleware first) is covered by the marker
+    ``setup()`` installs last in ``app.middlewares``, next to the handler, which notes the
+    handler's exception before any other middleware handles it.
+
 Responses the handler has already started
     A ``StreamResponse`` the handler prepared itself (``await response.prepare(request)``)
     has sent its status line and headers before the middleware sees it. Its work is
@@ -58,6 +67,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Literal
 
 try:
@@ -83,6 +93,11 @@ _log = logging.getLogger("sqla_context")
 
 def _is_success(status: int) -> bool:
     return status < 400
+
+
+# The unit of the request session_middleware() owns, for the failure marker setup() puts
+# next to the handler (a joined scope is not the request's to fail).
+_request_unit: ContextVar[_Unit | None] = ContextVar("sqla_context.aiohttp.unit", default=None)
 
 
 def _is_websocket(request: web.BaseRequest) -> bool:
@@ -167,6 +182,7 @@ def session_middleware(
 
         unit = _Unit()
         token = unit.enter()
+        owned = _request_unit.set(unit)
         try:
             try:
                 response = await handler(request)
@@ -188,9 +204,39 @@ def session_middleware(
         finally:
             if not unit.closed:  # commit_on() raised: nothing was decided
                 await unit.end(failed=True)
+            _request_unit.reset(owned)
             unit.exit(token)
 
     return sqla_context_scope
+
+
+def _failure_marker(commit_on: Callable[[int], bool]) -> Middleware:
+    """The innermost middleware ``setup()`` installs: notes that the handler raised.
+
+    A middleware between it and ``session_middleware()`` may turn the exception into a
+    response with any status; the request's unit is marked failed first, so it rolls
+    back. A raised ``web.HTTPException`` counts as its own status, as in the middleware.
+    """
+
+    @web.middleware
+    async def sqla_context_failures(request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except web.HTTPException as exc:
+            if not commit_on(exc.status):
+                _mark_failed()
+            raise
+        except BaseException:
+            _mark_failed()
+            raise
+
+    return sqla_context_failures
+
+
+def _mark_failed() -> None:
+    unit = _request_unit.get()
+    if unit is not None:
+        unit.failed = True
 
 
 def dispose_on_cleanup(app: web.Application, *databases: Database) -> None:
@@ -221,9 +267,12 @@ def setup(
     """Install :func:`session_middleware` on ``app`` and dispose ``databases`` on cleanup.
 
     The middleware goes *first* in ``app.middlewares``, so every other middleware (one that
-    loads the current user, say) runs inside the request's scope too, and an error
-    middleware's response status decides the commit. Call it before the app starts (aiohttp
-    freezes the middleware list then). Build the list yourself with
+    loads the current user, say) runs inside the request's scope too. A marker goes *last*,
+    next to the handler, so that a handler's exception that an error-page middleware turns
+    into a response rolls back whatever that response's status (see the module docstring);
+    it is moved back to the end when the app starts, after middlewares appended later.
+    Call ``setup()`` before
+    the app starts (aiohttp freezes the middleware list then). Build the list yourself with
     :func:`session_middleware` for another order.
 
     Args:
@@ -238,4 +287,15 @@ def setup(
     .. versionadded:: 0.1.0
     """
     app.middlewares.insert(0, session_middleware(commit_on=commit_on, websocket=websocket))
+    marker = _failure_marker(commit_on)
+    app.middlewares.append(marker)
+
+    async def keep_marker_last(app: web.Application) -> None:
+        # Runs before aiohttp freezes the list: middlewares appended after setup() go inside.
+        middlewares = app.middlewares
+        if not middlewares.frozen and middlewares[-1] is not marker and marker in middlewares:
+            middlewares.remove(marker)
+            middlewares.append(marker)
+
+    app.on_startup.append(keep_marker_last)
     dispose_on_cleanup(app, *databases)
