@@ -55,7 +55,10 @@ WebSockets
     scope held for the life of a connection would hold a database connection for hours.
     Open a short scope per message instead (``async with scope():`` inside the receive
     loop). ``websocket="connection"`` opens one scope for the whole connection, committed
-    when the handler returns, for short-lived sockets.
+    when the handler returns, for short-lived sockets. That commit runs to its end even if
+    the client closes the connection meanwhile (a client does so right after the closing
+    handshake), which with ``handler_cancellation=True`` cancels the handler's task; the
+    cancellation goes on once the commit is done.
 
 Already inside a scope
     If the request runs inside an active scope (a test that opened ``scope()`` and started
@@ -65,6 +68,8 @@ Already inside a scope
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 from contextvars import ContextVar
@@ -77,7 +82,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         "sqla_context.aiohttp needs aiohttp: pip install 'sqla-context[aiohttp]'"
     ) from exc
 
-from ._scope import _current, _Unit, check_choice
+from ._scope import _FINISH_TIMEOUT, _current, _in_background, _Unit, check_choice
 
 if TYPE_CHECKING:
     from aiohttp.typedefs import Handler, Middleware  # aiohttp >= 3.9
@@ -138,6 +143,44 @@ async def _end_started(
         raise
 
 
+async def _end_websocket(
+    unit: _Unit, request: web.BaseRequest, response: web.WebSocketResponse
+) -> None:
+    """Commit the unit of a WebSocket handler that returned, despite a cancellation meanwhile.
+
+    The handler returning decided the outcome. A client closes the connection as soon as
+    the closing handshake is over, possibly before this commit is; with
+    ``handler_cancellation=True`` aiohttp then cancels this task, which must not roll back
+    a conversation that ended cleanly. The commit runs in a task of its own, waited for
+    (bounded) before the cancellation goes on.
+    """
+    ending = _in_background(_end_started(unit, request, response, commit=True))
+    try:
+        await asyncio.shield(ending)
+    except asyncio.CancelledError:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + _FINISH_TIMEOUT
+        while not ending.done() and (left := deadline - loop.time()) > 0:
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait({ending}, timeout=left)
+        if not ending.done():
+            _log.warning(
+                "the commit of WebSocket %s took over %ss after the handler was cancelled;"
+                " finishing in the background",
+                request.path,
+                _FINISH_TIMEOUT,
+            )
+            ending.add_done_callback(_retrieve)
+        elif not ending.cancelled():
+            ending.exception()  # _end_started logged a failure; the cancellation goes on
+        raise
+
+
+def _retrieve(task: asyncio.Task[None]) -> None:
+    if not task.cancelled():
+        task.exception()  # logged where it was raised
+
+
 def session_middleware(
     *,
     commit_on: Callable[[int], bool] = _is_success,
@@ -183,6 +226,7 @@ def session_middleware(
         unit = _Unit()
         token = unit.enter()
         owned = _request_unit.set(unit)
+        handed_off = False  # to a task that outlives a cancellation of this one
         try:
             try:
                 response = await handler(request)
@@ -195,14 +239,15 @@ def session_middleware(
                 raise
             if isinstance(response, web.WebSocketResponse) and response.prepared:
                 # A socket has no status to judge: a handler that returns has succeeded.
-                await _end_started(unit, request, response, commit=True)
+                handed_off = True
+                await _end_websocket(unit, request, response)
             elif response.prepared:
                 await _end_started(unit, request, response, commit=commit_on(response.status))
             else:  # nothing sent yet (aiohttp sends it after we return)
                 await _end(unit, request, response.status, commit=commit_on(response.status))
             return response
         finally:
-            if not unit.closed:  # commit_on() raised: nothing was decided
+            if not unit.closed and not handed_off:  # commit_on() raised: nothing decided
                 await unit.end(failed=True)
             _request_unit.reset(owned)
             unit.exit(token)
