@@ -20,11 +20,12 @@ A handler that raised
     ``exception_handlers``, Litestar's ``exception_handlers``), the request's work is
     rolled back whatever the status, 302 and 200 included. ``commit_on`` decides only for
     responses the app returned normally. Starlette's ``BaseHTTPMiddleware`` (FastAPI's
-    ``@app.middleware("http")``) runs the rest of the app in a task of its own and sends
-    the response from another: a middleware installed inside this one with
-    ``add_middleware`` is found at construction, and the app behind it is watched from its
-    own task (for an exception handler's response, and for an exception its ``dispatch``
-    turns into a response).
+    ``@app.middleware("http")``) runs the rest of the app in a task of its own, out of
+    this middleware's sight: when Starlette builds its middleware stack
+    (``add_middleware``), this middleware finds those inside it and watches the app behind
+    each from that task (an exception handler's response, an exception that ``dispatch``
+    turns into a response). Wrapped around a whole Starlette app (``SessionMiddleware(app)``)
+    it cannot see them.
 
 Work after the response has started
     The sessions stay in the request's scope after the commit at the response start, with
