@@ -23,6 +23,15 @@ When the commit happens
     error: an error-page middleware renders its 500, an error tracker records it. A request
     whose data was not committed is never answered with the handler's status.
 
+A handler that raised
+    A handler's exception that a middleware turns into a response is rolled back whatever
+    the status of that response (a 302 to a "sold out" page, or a 200), like the exception
+    itself (a raised ``web.HTTPException`` counts as its own status). An error-page
+    middleware *outside* ``session_middleware()`` is seen by it as the exception. One
+    inside it (``setup()`` puts the session middleware first) is covered by the marker
+    ``setup()`` installs last in ``app.middlewares``, next to the handler, which notes the
+    handler's exception before any other middleware handles it.
+
 Responses the handler has already started
     A ``StreamResponse`` the handler prepared itself (``await response.prepare(request)``)
     has sent its status line and headers before the middleware sees it. Its work is
@@ -46,7 +55,10 @@ WebSockets
     scope held for the life of a connection would hold a database connection for hours.
     Open a short scope per message instead (``async with scope():`` inside the receive
     loop). ``websocket="connection"`` opens one scope for the whole connection, committed
-    when the handler returns, for short-lived sockets.
+    when the handler returns, for short-lived sockets. That commit runs to its end even if
+    the client closes the connection meanwhile (a client does so right after the closing
+    handshake), which with ``handler_cancellation=True`` cancels the handler's task; the
+    cancellation goes on once the commit is done.
 
 Already inside a scope
     If the request runs inside an active scope (a test that opened ``scope()`` and started
@@ -56,8 +68,11 @@ Already inside a scope
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Literal
 
 try:
@@ -67,7 +82,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         "sqla_context.aiohttp needs aiohttp: pip install 'sqla-context[aiohttp]'"
     ) from exc
 
-from ._scope import _current, _Unit, check_choice
+from ._scope import _FINISH_TIMEOUT, _current, _in_background, _Unit, check_choice
 
 if TYPE_CHECKING:
     from aiohttp.typedefs import Handler, Middleware  # aiohttp >= 3.9
@@ -83,6 +98,11 @@ _log = logging.getLogger("sqla_context")
 
 def _is_success(status: int) -> bool:
     return status < 400
+
+
+# The unit of the request session_middleware() owns, for the failure marker setup() puts
+# next to the handler (a joined scope is not the request's to fail).
+_request_unit: ContextVar[_Unit | None] = ContextVar("sqla_context.aiohttp.unit", default=None)
 
 
 def _is_websocket(request: web.BaseRequest) -> bool:
@@ -121,6 +141,44 @@ async def _end_started(
             response.status,
         )
         raise
+
+
+async def _end_websocket(
+    unit: _Unit, request: web.BaseRequest, response: web.WebSocketResponse
+) -> None:
+    """Commit the unit of a WebSocket handler that returned, despite a cancellation meanwhile.
+
+    The handler returning decided the outcome. A client closes the connection as soon as
+    the closing handshake is over, possibly before this commit is; with
+    ``handler_cancellation=True`` aiohttp then cancels this task, which must not roll back
+    a conversation that ended cleanly. The commit runs in a task of its own, waited for
+    (bounded) before the cancellation goes on.
+    """
+    ending = _in_background(_end_started(unit, request, response, commit=True))
+    try:
+        await asyncio.shield(ending)
+    except asyncio.CancelledError:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + _FINISH_TIMEOUT
+        while not ending.done() and (left := deadline - loop.time()) > 0:
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait({ending}, timeout=left)
+        if not ending.done():
+            _log.warning(
+                "the commit of WebSocket %s took over %ss after the handler was cancelled;"
+                " finishing in the background",
+                request.path,
+                _FINISH_TIMEOUT,
+            )
+            ending.add_done_callback(_retrieve)
+        elif not ending.cancelled():
+            ending.exception()  # _end_started logged a failure; the cancellation goes on
+        raise
+
+
+def _retrieve(task: asyncio.Task[None]) -> None:
+    if not task.cancelled():
+        task.exception()  # logged where it was raised
 
 
 def session_middleware(
@@ -167,6 +225,8 @@ def session_middleware(
 
         unit = _Unit()
         token = unit.enter()
+        owned = _request_unit.set(unit)
+        handed_off = False  # to a task that outlives a cancellation of this one
         try:
             try:
                 response = await handler(request)
@@ -179,18 +239,49 @@ def session_middleware(
                 raise
             if isinstance(response, web.WebSocketResponse) and response.prepared:
                 # A socket has no status to judge: a handler that returns has succeeded.
-                await _end_started(unit, request, response, commit=True)
+                handed_off = True
+                await _end_websocket(unit, request, response)
             elif response.prepared:
                 await _end_started(unit, request, response, commit=commit_on(response.status))
             else:  # nothing sent yet (aiohttp sends it after we return)
                 await _end(unit, request, response.status, commit=commit_on(response.status))
             return response
         finally:
-            if not unit.closed:  # commit_on() raised: nothing was decided
+            if not unit.closed and not handed_off:  # commit_on() raised: nothing decided
                 await unit.end(failed=True)
+            _request_unit.reset(owned)
             unit.exit(token)
 
     return sqla_context_scope
+
+
+def _failure_marker(commit_on: Callable[[int], bool]) -> Middleware:
+    """The innermost middleware ``setup()`` installs: notes that the handler raised.
+
+    A middleware between it and ``session_middleware()`` may turn the exception into a
+    response with any status; the request's unit is marked failed first, so it rolls
+    back. A raised ``web.HTTPException`` counts as its own status, as in the middleware.
+    """
+
+    @web.middleware
+    async def sqla_context_failures(request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except web.HTTPException as exc:
+            if not commit_on(exc.status):
+                _mark_failed()
+            raise
+        except BaseException:
+            _mark_failed()
+            raise
+
+    return sqla_context_failures
+
+
+def _mark_failed() -> None:
+    unit = _request_unit.get()
+    if unit is not None:
+        unit.failed = True
 
 
 def dispose_on_cleanup(app: web.Application, *databases: Database) -> None:
@@ -221,9 +312,12 @@ def setup(
     """Install :func:`session_middleware` on ``app`` and dispose ``databases`` on cleanup.
 
     The middleware goes *first* in ``app.middlewares``, so every other middleware (one that
-    loads the current user, say) runs inside the request's scope too, and an error
-    middleware's response status decides the commit. Call it before the app starts (aiohttp
-    freezes the middleware list then). Build the list yourself with
+    loads the current user, say) runs inside the request's scope too. A marker goes *last*,
+    next to the handler, so that a handler's exception that an error-page middleware turns
+    into a response rolls back whatever that response's status (see the module docstring);
+    it is moved back to the end when the app starts, after middlewares appended later.
+    Call ``setup()`` before
+    the app starts (aiohttp freezes the middleware list then). Build the list yourself with
     :func:`session_middleware` for another order.
 
     Args:
@@ -238,4 +332,15 @@ def setup(
     .. versionadded:: 0.1.0
     """
     app.middlewares.insert(0, session_middleware(commit_on=commit_on, websocket=websocket))
+    marker = _failure_marker(commit_on)
+    app.middlewares.append(marker)
+
+    async def keep_marker_last(app: web.Application) -> None:
+        # Runs before aiohttp freezes the list: middlewares appended after setup() go inside.
+        middlewares = app.middlewares
+        if not middlewares.frozen and middlewares[-1] is not marker and marker in middlewares:
+            middlewares.remove(marker)
+            middlewares.append(marker)
+
+    app.on_startup.append(keep_marker_last)
     dispose_on_cleanup(app, *databases)

@@ -19,7 +19,13 @@ A handler that raised
     handler turned the handler's exception into a response: Starlette's and FastAPI's
     ``exception_handlers``, Litestar's ``exception_handlers``), the request's work is
     rolled back whatever the status, 302 and 200 included. ``commit_on`` decides only for
-    responses the app returned normally.
+    responses the app returned normally. Starlette's ``BaseHTTPMiddleware`` (FastAPI's
+    ``@app.middleware("http")``) runs the rest of the app in a task of its own, out of
+    this middleware's sight: when Starlette builds its middleware stack
+    (``add_middleware``), this middleware finds those inside it and watches the app behind
+    each from that task (an exception handler's response, an exception that ``dispatch``
+    turns into a response). Wrapped around a whole Starlette app (``SessionMiddleware(app)``)
+    it cannot see them.
 
 Work after the response has started
     The sessions stay in the request's scope after the commit at the response start, with
@@ -56,6 +62,7 @@ import contextlib
 import logging
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, Literal
 
 from ._scope import _current, _Unit, check_choice
@@ -93,6 +100,11 @@ def _is_success(status: int) -> bool:
     return status < 400
 
 
+# The unit of the request a SessionMiddleware owns, for the watchers it put behind
+# BaseHTTPMiddlewares (set only by a middleware that has watchers).
+_request_unit: ContextVar[_Unit | None] = ContextVar("sqla_context.asgi.unit", default=None)
+
+
 class SessionMiddleware:
     """ASGI middleware that runs every HTTP request in a :func:`~sqla_context.scope`.
 
@@ -118,7 +130,7 @@ class SessionMiddleware:
         app.add_middleware(SessionMiddleware)
     """
 
-    __slots__ = ("app", "commit_on", "websocket")
+    __slots__ = ("_watching", "app", "commit_on", "websocket")
 
     def __init__(
         self,
@@ -136,6 +148,7 @@ class SessionMiddleware:
         self.app = app
         self.commit_on = commit_on
         self.websocket: WebSocketMode = websocket
+        self._watching = _watch_other_tasks(app)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -149,6 +162,7 @@ class SessionMiddleware:
         unit = _Unit()
         request = _Request(unit, self.commit_on, scope, receive, send)
         token = unit.enter()
+        watched = _request_unit.set(unit) if self._watching else None
         try:
             await self.app(scope, request.receive, request.send)
         except BaseException:
@@ -161,6 +175,8 @@ class SessionMiddleware:
             failed = request.disconnected or (kind == "http" and request.stage == _NOT_STARTED)
             await unit.end(failed=failed)
         finally:
+            if watched is not None:
+                _request_unit.reset(watched)
             unit.exit(token)
             request.server_receive = _receive_after_return
             request.server_send = _send_after_return
@@ -251,6 +267,66 @@ class _Request:
             await server_send({"type": "http.response.body", "body": _BODY_500})
             raise
         await self.server_send(start)
+
+
+def _watch_other_tasks(app: Any) -> bool:
+    """Watch the app behind every Starlette ``BaseHTTPMiddleware`` inside ``app``.
+
+    Follows the chain of ``.app`` attributes that Starlette's middleware stack is made of
+    (``add_middleware`` builds it inside out, so it exists when this middleware is built).
+    Returns whether any was found.
+    """
+    base = sys.modules.get("starlette.middleware.base")
+    if base is None:  # Starlette not imported: no BaseHTTPMiddleware can be in the stack
+        return False
+    found = False
+    seen: set[int] = set()
+    node = app
+    while node is not None and id(node) not in seen and len(seen) < 100:
+        seen.add(id(node))
+        if isinstance(node, base.BaseHTTPMiddleware):
+            if not isinstance(node.app, _Watcher):
+                node.app = _Watcher(node.app)
+            found = True
+            node = node.app
+        node = getattr(node, "app", None)
+    return found
+
+
+class _Watcher:
+    """The app behind a ``BaseHTTPMiddleware``, watched for exceptions handled in its task.
+
+    ``BaseHTTPMiddleware`` runs the rest of the app in a task of its own, which sends the
+    response start through a stream to the middleware's task; there an exception handler
+    that answered is no longer visible. This wrapper, in the app's own task, marks the
+    request's unit failed when the response starts while the app is handling an exception,
+    or when the app raises (``dispatch`` may turn that into a response).
+    """
+
+    __slots__ = ("app",)
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        unit = _request_unit.get()
+        if unit is None or scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        outer = sys.exc_info()[1]
+
+        def watch(message: Message) -> Awaitable[None]:
+            if message["type"] == "http.response.start":
+                handling = sys.exc_info()[1]
+                if handling is not None and handling is not outer:
+                    unit.failed = True
+            return send(message)
+
+        try:
+            await self.app(scope, receive, watch)
+        except BaseException:
+            unit.failed = True
+            raise
 
 
 async def _receive_after_return() -> Message:

@@ -406,6 +406,56 @@ async def test_websocket_connection_mode_commits_when_the_handler_returns(
     assert db.engine.pool.checkedout() == 0
 
 
+async def test_websocket_commit_survives_the_client_closing_the_connection(
+    backend: Backend,
+) -> None:
+    # A client closes the TCP connection right after the closing handshake. TestServer runs
+    # with handler_cancellation=True, so aiohttp cancels the handler's task then, possibly
+    # while the middleware commits (seen once under load on MariaDB). The commit here waits
+    # until the server has seen the connection go: the cancellation lands in the middle.
+    requests: list[web.Request] = []
+
+    async def slow_commit(session: Any) -> None:
+        deadline = asyncio.get_running_loop().time() + WAIT
+        while requests[0].transport is not None:  # the server has not seen the hang-up yet
+            assert asyncio.get_running_loop().time() < deadline, "the connection stayed open"
+            await asyncio.sleep(0.01)
+
+    db = backend.database(before_commit=slow_commit)
+    app = web.Application(middlewares=[session_middleware(websocket="connection")])
+    outcomes: list[str] = []
+
+    @web.middleware
+    async def outcome(request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except asyncio.CancelledError:
+            outcomes.append("cancelled")
+            raise
+
+    app.middlewares.insert(0, outcome)
+    done = finished(app)
+
+    async def short(request: web.Request) -> web.WebSocketResponse:
+        requests.append(request)
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        await insert(await db.session(), await ws.receive_str())
+        await ws.close()
+        return ws
+
+    app.router.add_get("/ws", short)
+    async with serve(app) as client:
+        async with client.ws_connect("/ws") as ws:
+            await ws.send_str("kept")
+            await asyncio.wait_for(ws.receive(), WAIT)  # the server's close
+        assert await asyncio.wait_for(done.get(), WAIT) == "/ws"
+    assert outcomes == ["cancelled"], "the server cancelled the handler during the commit"
+    assert await backend.names() == ["kept"]
+    assert db.engine.pool.checkedout() == 0
+    assert await backend.open_transactions() == 0
+
+
 def test_invalid_websocket_mode() -> None:
     with pytest.raises(ConfigurationError, match="'none', 'connection'"):
         session_middleware(websocket="always")  # type: ignore[arg-type]

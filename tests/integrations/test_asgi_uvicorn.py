@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import socket
 from collections.abc import AsyncIterator
 from typing import Any
@@ -40,13 +41,13 @@ class Finished:
 
 
 @contextlib.asynccontextmanager
-async def serve(app: Any) -> AsyncIterator[int]:
+async def serve(app: Any, **config: Any) -> AsyncIterator[int]:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     sock.listen(64)  # connections queue here until uvicorn accepts them
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, lifespan="off", log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, lifespan="off", log_level="warning", **config))
     task = asyncio.create_task(server.serve(sockets=[sock]))
     try:
         yield port
@@ -88,6 +89,11 @@ def build(backend: Backend, db: Database, reached: asyncio.Event) -> FastAPI:
         message = await request.receive()  # body read: the next event is the hang-up
         assert message["type"] == "http.disconnect"
         return {"saw": message["type"]}
+
+    @app.post("/items/{name}", status_code=201)
+    async def create(name: str) -> dict[str, str]:
+        await insert(await db.session(), name)
+        return {"name": name}
 
     @app.post("/doom")
     async def doom() -> dict[str, str]:
@@ -160,5 +166,59 @@ async def test_failed_commit_is_a_500_on_the_wire(
     assert response.status_code == 500
     assert response.text == "Internal Server Error"
     assert await backend.names() == []
+    assert db.engine.pool.checkedout() == 0
+    assert await backend.open_transactions() == 0
+
+
+HTTP_IMPLEMENTATIONS = [
+    pytest.param("h11", id="h11"),
+    pytest.param(
+        "httptools",
+        id="httptools",
+        marks=pytest.mark.skipif(
+            importlib.util.find_spec("httptools") is None, reason="httptools is not installed"
+        ),
+    ),
+]
+
+
+@pytest.mark.parametrize("http", HTTP_IMPLEMENTATIONS)
+async def test_keep_alive_client_is_not_hurt_by_a_failed_commit(
+    backend: Backend, http: str
+) -> None:
+    # Hardening defect 9: the middleware's 500 goes out, then the CommitError is raised to
+    # the server, which logs it and drops the socket. Without `connection: close` on that
+    # 500, a keep-alive client sends its next request on the socket meanwhile, and loses it.
+    # The client runs in a thread of its own, as a real client does, so that it can send
+    # while the server (in this loop) is still logging.
+    if backend.driver not in ("aiosqlite", "asyncpg"):
+        pytest.skip("HTTP behaviour: SQLite and PostgreSQL (a deferred constraint) cover it")
+    db = backend.database()
+    app = Finished(build(backend, db, asyncio.Event()))
+    rounds = 50
+
+    def client(port: int) -> tuple[list[tuple[int, str | None]], list[int], list[str]]:
+        failed: list[tuple[int, str | None]] = []
+        statuses: list[int] = []
+        failures: list[str] = []
+        limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", limits=limits, timeout=10) as c:
+            for i in range(rounds):
+                response = c.post("/doom")
+                failed.append((response.status_code, response.headers.get("connection")))
+                try:  # at once, on the same client, as a keep-alive client does
+                    statuses.append(c.post(f"/items/after-{i:02d}").status_code)
+                except httpx.TransportError as exc:
+                    failures.append(f"{type(exc).__name__}: {exc}")
+        return failed, statuses, failures
+
+    async with serve(app, http=http) as port:
+        failed, statuses, failures = await asyncio.wait_for(asyncio.to_thread(client, port), 60)
+        for _ in range(len(failed) + len(statuses)):
+            await asyncio.wait_for(app.done.get(), 10)  # every request the server got has ended
+    assert failures == [], f"{len(failures)} of {rounds} follow-up requests failed"
+    assert failed == [(500, "close")] * rounds
+    assert statuses == [201] * rounds
+    assert await backend.names() == [f"after-{i:02d}" for i in range(rounds)]
     assert db.engine.pool.checkedout() == 0
     assert await backend.open_transactions() == 0
