@@ -29,13 +29,12 @@ from threading import get_ident
 from typing import TYPE_CHECKING, Any, get_args
 
 from sqlalchemy.exc import IllegalStateChangeError
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from ._typing import CommitMode, NestedMode, P, R, SessionHook
 from .exceptions import CommitError, ConfigurationError, NestedScopeError
 
 if TYPE_CHECKING:
-    from sqlalchemy.ext.asyncio import AsyncSession
-
     from ._database import Database
 
 __all__ = ["run_isolated", "scope"]
@@ -259,7 +258,14 @@ async def _release(db: Database, session: AsyncSession, *, close: bool, discard:
             return  # committed: its connection is back in the pool already
         connections = await _statements_done(session)
         try:
-            await (session.close() if close else session.rollback())
+            if not close:
+                await session.rollback()
+            elif session.in_transaction() or type(session).close is not AsyncSession.close:
+                await session.close()
+            else:
+                # No transaction, so no connection: closing does no I/O. Called directly:
+                # AsyncSession.close()'s greenlet costs as much again (benchmarks/README.md).
+                session.sync_session.close()
         except IllegalStateChangeError:
             # Another task is in the middle of an operation on this session that has no
             # connection yet (a checkout: code that gather()s over the scope's one session).

@@ -172,8 +172,11 @@ class SessionMiddleware:
             # Work done after the response started (streaming, background tasks) commits
             # here, unless the client hung up first. An HTTP app that returned without
             # starting a response gets rolled back.
-            failed = request.disconnected or (kind == "http" and request.stage == _NOT_STARTED)
-            await unit.end(failed=failed)
+            if unit.sessions:  # (most requests of many apps use no database: no await)
+                failed = request.disconnected or (kind == "http" and request.stage == _NOT_STARTED)
+                await unit.end(failed=failed)
+            else:
+                unit.closed = True
         finally:
             if watched is not None:
                 _request_unit.reset(watched)
