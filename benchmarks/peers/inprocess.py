@@ -1,8 +1,11 @@
-"""In-process timings with pyperf: one GET through each app of ``apps/``, no server, no socket.
+"""In-process timings with pyperf: one ``GET /nodb`` through each app of ``apps/``, no server.
 
-Each request runs in a task of its own (as a server runs it) on one event loop per pyperf
-worker process; ``/read`` includes the round trip to PostgreSQL (one request at a time, so
-one pooled connection). Started by ``run.py`` with the table and the list of approaches in
+What each approach's middleware costs the CPU per request, without sockets, HTTP parsing or
+a load generator. Each request runs in a task of its own (as a server runs it) on one event
+loop per pyperf worker process. (``/read`` is left out: one request at a time, its time is
+the round trip to PostgreSQL, and on a shared machine its noise drowns the differences.)
+
+Started by ``run.py`` with the table and the list of approaches in
 the environment (``BENCH_TABLE``, ``BENCH_APPROACHES``, ...; pyperf's workers need
 ``--inherit-environ`` for them); pyperf's own options apply (``--fast``, ``--processes``,
 ``-o results.json``, ``--affinity``).
@@ -22,8 +25,7 @@ import pyperf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-ENDPOINTS = ["/nodb", "/read"]
-NO_DB = {"bare", "asgi-passthrough"}
+PATH = "/nodb"
 _loop = asyncio.new_event_loop()
 
 
@@ -65,10 +67,8 @@ def time_request(loops: int, key: str, path: str) -> float:
 def main() -> None:
     runner = pyperf.Runner()
     keys = [k for k in os.environ.get("BENCH_APPROACHES", "").split(",") if k]
-    for path in ENDPOINTS:
-        for key in keys:
-            if path == "/nodb" or key not in NO_DB:
-                runner.bench_time_func(f"{path} {key}", time_request, key, path)
+    for key in keys:
+        runner.bench_time_func(f"{PATH} {key}", time_request, key, PATH)
 
 
 if __name__ == "__main__":

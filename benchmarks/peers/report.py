@@ -119,9 +119,10 @@ def write_report(data: dict[str, Any], out_dir: Path) -> None:
         lines += [
             "## In process (pyperf)",
             "",
-            "One request through the ASGI app called directly (no server, no socket), one at a"
-            " time, as pyperf times it (median and standard deviation over pyperf's values;"
-            " the database endpoints include the round trip to PostgreSQL).",
+            "`GET /nodb` through each app called directly (no server, no socket), one request"
+            " at a time, each in its own task, as pyperf times it: median and standard"
+            " deviation over pyperf's values (3 worker processes x 3 values; the benchmarks"
+            " run one after the other, so machine noise does not hit them alike).",
             "",
             "| benchmark | median us | stdev us |",
             "| --- | ---: | ---: |",
