@@ -1,14 +1,15 @@
-"""In-process timings with pyperf: one ``GET /nodb`` through each app of ``apps/``, no server.
+"""In-process timings with pyperf: CPU time of one request through each app, no server.
 
-What each approach's middleware costs the CPU per request, without sockets, HTTP parsing or
-a load generator. Each request runs in a task of its own (as a server runs it) on one event
-loop per pyperf worker process. (``/read`` is left out: one request at a time, its time is
-the round trip to PostgreSQL, and on a shared machine its noise drowns the differences.)
+What each approach costs the CPU per request, without sockets, HTTP parsing or a load
+generator: ``GET /nodb`` (the middleware alone) and ``GET /read`` (session handling and one
+query). The time is the event-loop thread's CPU time (``time.thread_time``): waiting for
+PostgreSQL, and being descheduled by other processes, do not count; asyncpg and SQLAlchemy's
+greenlets run in that thread, so their work does. Each request runs in a task of its own (as
+a server runs it) on one event loop per pyperf worker process, one request at a time.
 
-Started by ``run.py`` with the table and the list of approaches in
-the environment (``BENCH_TABLE``, ``BENCH_APPROACHES``, ...; pyperf's workers need
-``--inherit-environ`` for them); pyperf's own options apply (``--fast``, ``--processes``,
-``-o results.json``, ``--affinity``).
+Started by ``run.py`` with the table and the list of approaches in the environment
+(``BENCH_TABLE``, ``BENCH_APPROACHES``, ...; pyperf's workers need ``--inherit-environ`` for
+them); pyperf's own options apply (``--processes``, ``--values``, ``-o``, ``--affinity``).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import pyperf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-PATH = "/nodb"
+NO_DB = {"bare", "asgi-passthrough"}
 _loop = asyncio.new_event_loop()
 
 
@@ -50,10 +51,10 @@ async def _requests(app: Any, path: str, loops: int) -> float:
             statuses.append(message["status"])
 
     scope = _scope(path)
-    started = time.perf_counter()
+    started = time.thread_time()
     for _ in range(loops):
         await asyncio.create_task(app(dict(scope), _receive, send))
-    elapsed = time.perf_counter() - started
+    elapsed = time.thread_time() - started
     if set(statuses) != {200}:
         raise RuntimeError(f"{path}: statuses {set(statuses)}")
     return elapsed
@@ -67,8 +68,10 @@ def time_request(loops: int, key: str, path: str) -> float:
 def main() -> None:
     runner = pyperf.Runner()
     keys = [k for k in os.environ.get("BENCH_APPROACHES", "").split(",") if k]
-    for key in keys:
-        runner.bench_time_func(f"{PATH} {key}", time_request, key, PATH)
+    for path in ("/nodb", "/read"):
+        for key in keys:
+            if path == "/nodb" or key not in NO_DB:
+                runner.bench_time_func(f"{path} {key}", time_request, key, path)
 
 
 if __name__ == "__main__":

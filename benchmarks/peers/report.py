@@ -48,6 +48,7 @@ def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "errors": sum(r["errors"] for r in runs),
                 "goodput": _median(good) if good else None,
                 "good_share": _median([r["raw_good"] / max(r["requests"], 1) for r in runs]),
+                "cpu_us": _median([r["cpu_us"] for r in runs]),
             })  # fmt: skip
     return rows
 
@@ -81,7 +82,9 @@ def write_report(data: dict[str, Any], out_dir: Path) -> None:
         f" only. `goodput` = responses per second answered within {GOOD_MS} ms (real"
         " responses, from wrk's histogram with the correction undone; time-outs and non-2xx"
         " answers count as misses); `good %` = their share of all responses. `errors` ="
-        " socket errors + time-outs + non-2xx over all rounds (time-outs in brackets).",
+        " socket errors + time-outs + non-2xx over all rounds (time-outs in brackets)."
+        " `CPU us/req` = the server's user + system CPU time during the run / responses:"
+        " steadier than req/s on a shared machine.",
         "",
     ]
     rows = data["summary"]
@@ -100,8 +103,8 @@ def write_report(data: dict[str, Any], out_dir: Path) -> None:
             lines += [f"## `{endpoint}` ({http})", ""]
             lines += [
                 "| approach | req/s | spread | x sqla-context | p50 ms | p99 ms | raw p99 ms"
-                " | goodput/s | good % | errors (time-outs) | early release |",
-                "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+                " | goodput/s | good % | errors (time-outs) | CPU us/req | early release |",
+                "| --- |" + " ---: |" * 10 + " --- |",
             ]
             for r in sorted(sel, key=lambda r: -r["rps"]):
                 ap = BY_KEY[r["approach"]]
@@ -112,19 +115,20 @@ def write_report(data: dict[str, Any], out_dir: Path) -> None:
                     f" | {_fmt(r['rps'])} | {r['spread']:.0%} | {ratio}"
                     f" | {_fmt(r['p50_ms'])} | {_fmt(r['p99_ms'])} | {_fmt(r['raw_p99_ms'])}"
                     f" | {_fmt(r['goodput'])} | {r['good_share']:.0%}"
-                    f" | {r['errors']} ({r['timeouts']}) | {release} |"
+                    f" | {r['errors']} ({r['timeouts']}) | {_fmt(r['cpu_us'], 0)} | {release} |"
                 )
             lines.append("")
     if data.get("in_process"):
         lines += [
             "## In process (pyperf)",
             "",
-            "`GET /nodb` through each app called directly (no server, no socket), one request"
-            " at a time, each in its own task, as pyperf times it: median and standard"
-            " deviation over pyperf's values (3 worker processes x 3 values; the benchmarks"
-            " run one after the other, so machine noise does not hit them alike).",
+            "One request through each app called directly (no server, no socket), one at a"
+            " time, each in its own task: CPU time of the event-loop thread per request"
+            " (`time.thread_time`; waiting for PostgreSQL does not count), timed by pyperf:"
+            " median and standard deviation over its values (3 worker processes x 3 values;"
+            " the benchmarks run one after the other).",
             "",
-            "| benchmark | median us | stdev us |",
+            "| benchmark | CPU us/req (median) | stdev |",
             "| --- | ---: | ---: |",
         ]
         for name, t in data["in_process"].items():

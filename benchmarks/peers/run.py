@@ -43,6 +43,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 HOST = "127.0.0.1"
 DEFAULT_PG_URL = "postgresql+asyncpg://postgres@127.0.0.1/test"
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 LOOPS = {
@@ -131,6 +132,11 @@ class Server:
             return response.status, response.read()
         finally:
             conn.close()
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time of the server process so far (one worker: all of it)."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
     def rss_kib(self) -> int:
         """Resident memory of the server process and its children (workers)."""
@@ -271,13 +277,17 @@ def run_rounds(args: argparse.Namespace, env: dict[str, str], tmp: Path) -> list
                     for a in which[shift:] + which[:shift]:
                         url = servers[a.key].url(endpoint)
                         wrk(url, args, args.warmup, args.connections)
+                        cpu = servers[a.key].cpu_seconds()
                         r = wrk(url, args, args.duration, args.connections)
+                        cpu = servers[a.key].cpu_seconds() - cpu
+                        r["cpu_us"] = cpu * 1e6 / max(r["requests"], 1)
                         r.update(round=rnd, loop=loop, endpoint=endpoint, approach=a.key)
                         results.append(r)
                         print(
                             f"round {rnd + 1}/{args.rounds} {loop:7} {endpoint:22} {a.key:30}"
                             f" {r['rps']:8.1f} req/s  p99 {r['p99_us'] / 1000:7.1f} ms"
-                            f"  good {r['goodput'] or 0:8.1f}/s  errors {r['errors']}",
+                            f"  good {r['goodput'] or 0:8.1f}/s  errors {r['errors']}"
+                            f"  CPU {r['cpu_us']:6.0f} us/req",
                             flush=True,
                         )
             finally:
