@@ -88,7 +88,8 @@ def write_report(data: dict[str, Any], out_dir: Path) -> None:
         "",
     ]
     rows = data["summary"]
-    lines += ["Approaches (apps in `benchmarks/peers/apps/`):", ""]
+    if rows:
+        lines += ["Approaches (apps in `benchmarks/peers/apps/`):", ""]
     for ap in APPROACHES:
         if any(r["approach"] == ap.key for r in rows):
             release = f"; early release: {ap.release}" if ap.release else ""
@@ -139,7 +140,7 @@ def write_report(data: dict[str, Any], out_dir: Path) -> None:
             "## Scale: `/read`, uvloop + httptools",
             "",
             "Median req/s (goodput/s in brackets) by clients; one server at a time; 2 workers are"
-            " not pinned.",
+            " not pinned. Plot: `results_scale.png`.",
             "",
             "| approach | workers | pool | 10 | 50 | 200 | 500 | errors |",
             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
@@ -230,10 +231,45 @@ def plot(data: dict[str, Any], out_dir: Path) -> None:
     plt.close(fig)
 
 
+def plot_scale(data: dict[str, Any], out_dir: Path) -> None:
+    """``results_scale.png``: req/s and goodput against clients, one panel per workers x pool."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scale, clients = data["scale"], [10, 50, 200, 500]
+    fig, axes = plt.subplots(1, 4, figsize=(14, 3.4), sharey=True)
+    for ax, (workers, pool) in zip(axes, [(1, 5), (1, 20), (2, 5), (2, 20)], strict=True):
+        for i, key in enumerate(dict.fromkeys(r["approach"] for r in scale)):
+            runs = [
+                r for r in scale if (r["approach"], r["workers"], r["pool"]) == (key, workers, pool)
+            ]
+            rps = [_median([r["rps"] for r in runs if r["clients"] == c]) for c in clients]
+            good = [
+                _median([r["goodput"] or 0 for r in runs if r["clients"] == c]) for c in clients
+            ]
+            ax.plot(clients, rps, "o-", color=f"C{i}", label=f"{key} req/s")
+            ax.plot(clients, good, "x--", color=f"C{i}", label=f"{key} goodput")
+        ax.set_xscale("log")
+        ax.set_xticks(clients, [str(c) for c in clients])
+        ax.set_title(f"{workers} worker(s), pool {pool}", fontsize=10)
+        ax.set_xlabel("clients (wrk -c)", fontsize=8)
+    axes[0].set_ylabel("requests/s", fontsize=8)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"/read, uvloop + httptools, {data['machine']['date']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out_dir / "results_scale.png", dpi=90)
+    plt.close(fig)
+
+
 if __name__ == "__main__":
     out = Path(sys.argv[1]).parent if len(sys.argv) > 1 else HERE
     saved = json.loads((out / "results.json").read_text())
     saved["summary"] = summarize(saved["runs"])
     write_report(saved, out)
-    plot(saved, out)
+    if saved["summary"]:
+        plot(saved, out)
+    if saved.get("scale"):
+        plot_scale(saved, out)
     print(f"wrote {out / 'results.md'} and results.png")

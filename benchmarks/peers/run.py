@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from apps import BY_KEY, ENDPOINTS, Approach
-from report import GOOD_MS, plot, summarize, write_report
+from report import GOOD_MS, plot, plot_scale, summarize, write_report
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -425,7 +425,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--timeout", type=int, default=2, help="wrk --timeout, seconds")
     p.add_argument("--pool", type=int, default=5, help="pool_size of every app")
     p.add_argument("--approaches", default=",".join(BY_KEY), help="comma-separated")
-    p.add_argument("--endpoints", default=",".join(ENDPOINTS), help="comma-separated")
+    p.add_argument("--endpoints", default=",".join(ENDPOINTS), help="comma-separated; empty: none")
     p.add_argument("--loops", default="uvloop,asyncio", help="uvloop (+httptools), asyncio (+h11)")
     p.add_argument(
         "--h11", choices=["core", "all", "none"], default="core",
@@ -516,7 +516,10 @@ def main(argv: list[str]) -> int:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / "results.json").write_text(json.dumps(data, indent=1, default=str) + "\n")
     write_report(data, args.out_dir)
-    plot(data, args.out_dir)
+    if data["summary"]:
+        plot(data, args.out_dir)
+    if args.scale:
+        plot_scale(data, args.out_dir)
     shutil.rmtree(tmp, ignore_errors=True)
     print(f"wrote {args.out_dir / 'results.md'} and results.png ({data['seconds']} s)")
     return 0
