@@ -71,23 +71,37 @@ def write_report(data: dict[str, Any], out_dir: Path) -> None:
         f" unpinned; load average {data['load_before']} before, {data['load_after']} after",
         f"- Python {m['python']}; {v}",
         f"- {m['postgres']}",
-        f"- load: `wrk -t1 -c{a['connections']}`, {a['rounds']} rounds of {a['duration']} s per"
-        f" approach and endpoint after a {a['warmup']} s warm-up; 1 uvicorn worker, new processes"
-        f" every round, approaches in rotating order; pool_size={a['pool']}, max_overflow=0;"
-        f" `/read_then_slow` and `/read_close_then_slow` wait {50} ms after the read",
-        "- figures: median over the rounds. `spread` = (max - min) / median of req/s over the"
-        " rounds. `x sqla-context` = ratio of the medians (in brackets: min-max of the"
-        " per-round ratios). p50/p99 are wrk's, which wrk corrects for coordinated omission"
-        " (synthetic samples for stalled connections); `raw p99` is from the real responses"
-        f" only. `goodput` = responses per second answered within {GOOD_MS} ms (real"
-        " responses, from wrk's histogram with the correction undone; time-outs and non-2xx"
-        " answers count as misses); `good %` = their share of all responses. `errors` ="
-        " socket errors + time-outs + non-2xx over all rounds (time-outs in brackets)."
-        " `CPU us/req` = the server's user + system CPU time during the run / responses:"
-        " steadier than req/s on a shared machine.",
-        "",
     ]
     rows = data["summary"]
+    if rows:
+        lines += [
+            f"- load: `wrk -t1 -c{a['connections']}`, {a['rounds']} rounds of {a['duration']} s"
+            f" per approach and endpoint after a {a['warmup']} s warm-up; 1 uvicorn worker, new"
+            " processes every round, approaches in rotating order;"
+            f" pool_size={a['pool']}, max_overflow=0;"
+            f" `/read_then_slow` and `/read_close_then_slow` wait {50} ms after the read",
+            "- figures: median over the rounds. `spread` = (max - min) / median of req/s over the"
+            " rounds. `x sqla-context` = ratio of the medians (in brackets: min-max of the"
+            " per-round ratios). p50/p99 are wrk's, which wrk corrects for coordinated omission"
+            " (synthetic samples for stalled connections); `raw p99` is from the real responses"
+            f" only. `goodput` = responses per second answered within {GOOD_MS} ms (real"
+            " responses, from wrk's histogram with the correction undone; time-outs and non-2xx"
+            " answers count as misses); `good %` = their share of all responses. `errors` ="
+            " socket errors + time-outs + non-2xx over all rounds (time-outs in brackets)."
+            " `CPU us/req` = the server's user + system CPU time during the run / responses:"
+            " steadier than req/s on a shared machine.",
+        ]
+    if data.get("scale"):
+        lines.append(
+            f"- scale: `/read`, `wrk -t1 -c10/50/200/500`, {a['scale_rounds']} round(s) of"
+            f" {a['duration']} s per point after a {a['warmup']} s warm-up; one server at a"
+            " time, new for every approach, pool size and worker count"
+        )
+    if data.get("rss"):
+        lines.append(
+            f"- memory: `/read` with `wrk -c{a['connections']}` until {a['rss']:,} requests"
+        )
+    lines.append("")
     if rows:
         lines += ["Approaches (apps in `benchmarks/peers/apps/`):", ""]
     for ap in APPROACHES:
