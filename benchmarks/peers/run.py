@@ -432,7 +432,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help=f"/nodb with asyncio+h11 for: {', '.join(H11_CORE)} (core), every approach, none",
     )  # fmt: skip
     p.add_argument("--no-in-process", action="store_true", help="skip the pyperf timings")
-    p.add_argument("--scale", action="store_true", help="also /read at 10-500 clients, ~7 min")
+    p.add_argument("--scale", action="store_true", help="also /read at 10-500 clients, ~5 min")
     p.add_argument("--scale-approaches", default="sqla-context,depends,inline")
     p.add_argument("--scale-rounds", type=int, default=1)
     p.add_argument("--rss", type=int, default=0, metavar="N", help="RSS growth over N requests")
