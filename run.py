@@ -4,8 +4,11 @@
     python3 run.py demo     # run the demo (SQLite by default; DATABASE_URL=... for PostgreSQL)
     python3 run.py test     # run the test suite (extra arguments go to pytest)
     python3 run.py lint     # ruff + mypy --strict
+    python3 run.py bench    # micro-benchmark (extra arguments: a script and its options)
+    python3 run.py bench --peers [options]   # peer comparison (benchmarks/peers/run.py)
 
-The environment lives in .venv/. Dependencies are (re)installed when pyproject.toml changes;
+The environment lives in .venv/ (the peer comparison's in .venv-peers/, see
+benchmarks/README.md). Dependencies are (re)installed when pyproject.toml changes;
 the project itself is reinstalled (non-editable, from a freshly built wheel) on every run, so
 the tests exercise what users install.
 """
@@ -25,6 +28,8 @@ BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
 PY = BIN / ("python.exe" if os.name == "nt" else "python")
 
 EXTRAS = {"demo": "demo", "test": "test", "lint": "test,lint", "bench": "test"}
+PEERS_VENV = ROOT / ".venv-peers"
+PEERS_REQUIREMENTS = ROOT / "benchmarks" / "peers" / "requirements.txt"
 
 
 def sh(*args: str | Path, **kwargs: object) -> None:
@@ -55,11 +60,44 @@ def ensure_env(extras: str) -> None:
     )
 
 
+def ensure_peers_env() -> Path:
+    """.venv-peers/: the pinned peers of benchmarks/peers/requirements.txt + this checkout."""
+    py = PEERS_VENV / PY.relative_to(VENV)
+    if not py.exists():
+        venv.EnvBuilder(with_pip=True, clear=True).create(PEERS_VENV)
+        sh(py, "-m", "pip", "install", "--quiet", "--upgrade", "pip")
+    digest = hashlib.sha256(PEERS_REQUIREMENTS.read_bytes()).hexdigest()
+    stamp = PEERS_VENV / ".installed"
+    if not stamp.exists() or stamp.read_text() != digest:
+        sh(py, "-m", "pip", "install", "--quiet", "-r", PEERS_REQUIREMENTS)
+        stamp.write_text(digest)
+    sh(
+        py,
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "--no-deps",
+        "--force-reinstall",
+        "--no-cache-dir",
+        ".",
+    )
+    return py
+
+
 def main(argv: list[str]) -> int:
     if not argv or argv[0] not in EXTRAS:
         print(__doc__)
         return 2
     command, rest = argv[0], argv[1:]
+    if command == "bench" and rest[:1] == ["--peers"]:
+        try:
+            sh(ensure_peers_env(), "benchmarks/peers/run.py", *rest[1:])
+        except subprocess.CalledProcessError as exc:
+            return exc.returncode
+        except KeyboardInterrupt:
+            return 130
+        return 0
     ensure_env(EXTRAS[command])
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
     try:
