@@ -46,9 +46,13 @@ def ensure_env(extras: str) -> None:
     if not stamp.exists() or stamp.read_text() != digest:
         sh(PY, "-m", "pip", "install", "--quiet", f".[{extras}]")
         stamp.write_text(digest)
-    # Always reinstall the project itself from a fresh wheel (fast; no dependency resolution).
+    install_checkout(PY)
+
+
+def install_checkout(py: Path) -> None:
+    """Reinstall this checkout into ``py``'s venv from a fresh wheel (no dependency resolution)."""
     sh(
-        PY,
+        py,
         "-m",
         "pip",
         "install",
@@ -71,17 +75,7 @@ def ensure_peers_env() -> Path:
     if not stamp.exists() or stamp.read_text() != digest:
         sh(py, "-m", "pip", "install", "--quiet", "-r", PEERS_REQUIREMENTS)
         stamp.write_text(digest)
-    sh(
-        py,
-        "-m",
-        "pip",
-        "install",
-        "--quiet",
-        "--no-deps",
-        "--force-reinstall",
-        "--no-cache-dir",
-        ".",
-    )
+    install_checkout(py)
     return py
 
 
