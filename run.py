@@ -27,7 +27,7 @@ VENV = ROOT / ".venv"
 BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
 PY = BIN / ("python.exe" if os.name == "nt" else "python")
 
-EXTRAS = {"demo": "demo", "test": "test", "lint": "test,lint", "bench": "test"}
+EXTRAS = {"demo": "demo", "test": "test", "lint": "test,lint", "bench": "test,bench"}
 PEERS_VENV = ROOT / ".venv-peers"
 PEERS_REQUIREMENTS = ROOT / "benchmarks" / "peers" / "requirements.txt"
 
