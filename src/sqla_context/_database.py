@@ -431,8 +431,7 @@ class Database:
         if unit.closed:
             raise ScopeClosedError(self.name)
         if self.before_session is None:  # no await from the check to the set: no race
-            session = unit.sessions[self] = self._open_session()
-            return session
+            return unit.add(self, self._open_session())
         return await self._session_after_hook(unit)
 
     async def _session_after_hook(self, unit: _Unit) -> AsyncSession:
@@ -451,8 +450,7 @@ class Database:
             await self.before_session(self)
             if unit.closed:
                 raise ScopeClosedError(self.name)
-            session = unit.sessions[self] = self._open_session()
-            return session
+            return unit.add(self, self._open_session())
 
     async def commit(self) -> None:
         """Commit the scope's session for this database now, running the commit hooks.

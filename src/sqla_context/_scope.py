@@ -84,6 +84,7 @@ class _Unit:
         "commit",
         "failed",
         "locks",
+        "on_session",
         "sessions",
         "thread",
     )
@@ -100,6 +101,8 @@ class _Unit:
         self.sessions: dict[Database, AsyncSession] = {}
         # Created on demand, only while a Database's async before_session hook runs.
         self.locks: dict[Database, asyncio.Lock] | None = None
+        # Called once a session is added (an integration that watches units with sessions).
+        self.on_session: Callable[[], None] | None = None
         self.closed = False
         self.failed = False
         # Sessions and connections belong to the event loop they were made in, and a thread
@@ -107,6 +110,13 @@ class _Unit:
         # not the loop: get_ident() costs a fraction of get_running_loop() on Python 3.11,
         # and Database.session() checks it on every call; see benchmarks/README.md.)
         self.thread = get_ident()
+
+    def add(self, db: Database, session: AsyncSession) -> AsyncSession:
+        """Hold ``session`` as this unit's session for ``db``; tell ``on_session``."""
+        self.sessions[db] = session
+        if self.on_session is not None:
+            self.on_session()
+        return session
 
     def enter(self) -> Token[_Unit | None]:
         """Make this unit the current scope of the running context."""

@@ -37,11 +37,15 @@ Work after the response has started
     are closed for good: using one again raises.
 
 Client disconnects
-    If the app is cancelled, or the server reports ``http.disconnect`` through ``receive``
-    before the response is complete (Starlette listens for it while streaming), everything
-    not yet committed is rolled back. A server gives no signal to a handler that never
-    reads ``receive``: such a handler runs to its end and commits as usual, like any work
-    that outlives its client (use idempotency keys where a retry must not apply twice).
+    If the client hangs up before the response is complete, everything not yet committed is
+    rolled back. Once a request has opened a session and its body has been read, the
+    middleware listens on ``receive`` for the hang-up itself (once the body is read, the
+    server's next message can only be ``http.disconnect``), so a handler that never reads
+    ``receive`` is covered too; a request that opens no session pays nothing for this.
+    With ``on_disconnect="cancel"`` the handler is also cancelled at once, so a slow query
+    or call stops and the connection goes back to the pool. What was committed before the
+    hang-up (``db.commit()``, ``db.close_session()``, the commit at the response start)
+    stays committed: use idempotency keys where a client's retry must not apply twice.
 
 WebSockets
     By default (``websocket="none"``) a WebSocket connection gets no scope, because a scope
@@ -58,9 +62,11 @@ Already inside a scope
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import sys
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, Literal
@@ -79,6 +85,7 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 WebSocketMode = Literal["none", "connection"]
+DisconnectMode = Literal["rollback", "cancel"]
 
 _log = logging.getLogger("sqla_context")
 
@@ -119,10 +126,14 @@ class SessionMiddleware:
         commit_on: decides from the response status whether to commit.
         websocket: ``"none"`` (default): no scope for WebSocket connections; ``"connection"``:
             one scope for the whole connection.
+        on_disconnect: what a client hang-up before the response is complete does to a
+            request that opened a session: ``"rollback"`` (default): the handler runs on,
+            and its work is rolled back instead of committed; ``"cancel"``: the handler is
+            also cancelled at once (asyncio), its work rolled back and its connections
+            returned to the pool; the cancellation ends at the middleware.
 
     Raises:
-        ConfigurationError: ``websocket`` is not ``"none"`` or ``"connection"``, or
-            ``commit_on`` is not callable.
+        ConfigurationError: ``websocket``, ``on_disconnect`` or ``commit_on`` is not valid.
 
     Example::
 
@@ -130,7 +141,7 @@ class SessionMiddleware:
         app.add_middleware(SessionMiddleware)
     """
 
-    __slots__ = ("_watching", "app", "commit_on", "websocket")
+    __slots__ = ("_watching", "app", "commit_on", "on_disconnect", "websocket")
 
     def __init__(
         self,
@@ -138,8 +149,10 @@ class SessionMiddleware:
         *,
         commit_on: Callable[[int], bool] = _is_success,
         websocket: WebSocketMode = "none",
+        on_disconnect: DisconnectMode = "rollback",
     ) -> None:
         check_choice("websocket", websocket, WebSocketMode)
+        check_choice("on_disconnect", on_disconnect, DisconnectMode)
         if not callable(commit_on):
             raise ConfigurationError(
                 f"commit_on must be a callable taking the status code, got {commit_on!r}; "
@@ -148,6 +161,7 @@ class SessionMiddleware:
         self.app = app
         self.commit_on = commit_on
         self.websocket: WebSocketMode = websocket
+        self.on_disconnect: DisconnectMode = on_disconnect
         self._watching = _watch_other_tasks(app)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -161,14 +175,19 @@ class SessionMiddleware:
             return
         unit = _Unit()
         request = _Request(unit, self.commit_on, scope, receive, send)
+        if kind == "http":
+            unit.on_session = request.session_opened
+            if self.on_disconnect == "cancel":
+                request.task = asyncio.current_task()
         token = unit.enter()
         watched = _request_unit.set(unit) if self._watching else None
         try:
-            await self.app(scope, request.receive, request.send)
-        except BaseException:
-            await unit.end(failed=True)
-            raise
-        else:
+            try:
+                await self.app(scope, request.receive, request.send)
+            except BaseException:
+                await unit.end(failed=True)
+                raise
+            request.task = None  # nothing left to cancel
             # Work done after the response started (streaming, background tasks) commits
             # here, unless the client hung up first. An HTTP app that returned without
             # starting a response gets rolled back.
@@ -177,7 +196,14 @@ class SessionMiddleware:
                 await unit.end(failed=failed)
             else:
                 unit.closed = True
+        except asyncio.CancelledError:
+            # on_disconnect="cancel": the cancellation this middleware caused ends here.
+            if request.cancelled and _uncancel(request.task) == 0:
+                return
+            raise
         finally:
+            if request.listener is not None:
+                request.listener.cancel()
             if watched is not None:
                 _request_unit.reset(watched)
             unit.exit(token)
@@ -193,13 +219,20 @@ class _Request:
     """The ASGI plumbing around one request's app call; its methods are the app's channels."""
 
     __slots__ = (
+        "arrived",
+        "body_read",
+        "cancelled",
         "commit_on",
         "disconnected",
+        "gone",
         "handling",
+        "inbox",
+        "listener",
         "scope",
         "server_receive",
         "server_send",
         "stage",
+        "task",
         "unit",
     )
 
@@ -220,14 +253,85 @@ class _Request:
         self.disconnected = False
         # An exception the code around the middleware was already handling: not the app's.
         self.handling = sys.exc_info()[1]
+        # Listening for a hang-up (see session_opened): the task that reads the server's
+        # messages once the body has been read, what it read that the app has not, and the
+        # hang-up once seen. ``task`` is the app's task, cancelled on a hang-up if set.
+        self.body_read = False
+        self.listener: asyncio.Task[None] | None = None
+        self.inbox: deque[Message] = deque()
+        self.arrived: asyncio.Event | None = None
+        self.gone: Message | None = None
+        self.task: asyncio.Task[Any] | None = None
+        self.cancelled = False
 
     async def receive(self) -> Message:
+        if self.inbox:
+            return self.inbox.popleft()
+        if self.listener is not None:
+            return await self._from_listener()
         message = await self.server_receive()
+        kind = message["type"]
+        if kind == "http.disconnect":
+            self._hung_up()
+        elif kind == "http.request" and not message.get("more_body", False):
+            self.body_read = True
+            if self.unit.sessions and not self.unit.closed:
+                self._listen()
+        return message
+
+    def session_opened(self) -> None:
+        """The request's first session: from now on, notice the client hanging up."""
+        self.unit.on_session = None
+        if self.body_read or _has_no_body(self.scope):
+            self._listen()
+
+    def _listen(self) -> None:
+        # Once the body has been read, the server's next message can only be
+        # http.disconnect. One task per request that uses a database, none otherwise.
+        self.arrived = asyncio.Event()
+        self.listener = asyncio.ensure_future(self._next_message())
+
+    async def _next_message(self) -> None:
+        arrived = self.arrived
+        assert arrived is not None
+        while True:
+            message = await self.server_receive()
+            if message["type"] == "http.disconnect":
+                self.gone = message
+                self._hung_up()
+                arrived.set()
+                return
+            # A body after all (servers send an empty one for a request without a body;
+            # HTTP/2 may send one without content-length): kept for the app. Listening
+            # goes on after a complete body, once; otherwise the app reads on itself.
+            self.inbox.append(message)
+            arrived.set()
+            if len(self.inbox) > 1 or message.get("more_body", False):
+                self.listener = None
+                return
+
+    async def _from_listener(self) -> Message:
+        arrived = self.arrived
+        assert arrived is not None
+        while True:
+            if self.inbox:
+                return self.inbox.popleft()
+            if self.gone is not None:
+                return self.gone
+            if self.listener is None:
+                return await self.receive()
+            arrived.clear()
+            await arrived.wait()
+
+    def _hung_up(self) -> None:
         # A hang-up seen before the response is complete means the client will never know
         # the outcome: roll back. (After completion, servers report a disconnect as normal.)
-        if message["type"] == "http.disconnect" and self.stage != _COMPLETE:
-            self.disconnected = True
-        return message
+        if self.stage == _COMPLETE:
+            return
+        self.disconnected = True
+        if self.task is not None and not self.cancelled:
+            self.cancelled = True
+            self.task.cancel()
 
     def send(self, message: Message) -> Awaitable[None]:
         # A plain function returning the server's awaitable: only the response start of a
@@ -253,6 +357,8 @@ class _Request:
             # The response answers an exception the app is handling (an exception handler
             # turned the handler's failure into this response): the work failed.
             unit.failed = True
+        # A hang-up during the COMMIT must not cancel it: its outcome would be unknown.
+        task, self.task = self.task, None
         try:
             failed = self.disconnected or not self.commit_on(status)
             await unit.end(failed=failed, close=False)
@@ -269,7 +375,26 @@ class _Request:
             await server_send(_START_500)
             await server_send({"type": "http.response.body", "body": _BODY_500})
             raise
+        finally:
+            self.task = task
         await self.server_send(start)
+
+
+def _has_no_body(scope: Scope) -> bool:
+    """Whether an HTTP/1.x request declares that it has no body (no length, not chunked)."""
+    if scope.get("http_version") not in ("1.1", "1.0"):
+        return False  # HTTP/2 and 3 may send a body without content-length
+    for name, value in scope["headers"]:
+        if name == b"transfer-encoding" or (name == b"content-length" and value != b"0"):
+            return False
+    return True
+
+
+def _uncancel(task: asyncio.Task[Any] | None) -> int:
+    """Undo one ``task.cancel()``; the number of cancellations still pending."""
+    if task is None or not hasattr(task, "uncancel"):  # Python 3.10 counts none
+        return 0
+    return task.uncancel()  # type: ignore[no-any-return]
 
 
 def _watch_other_tasks(app: Any) -> bool:

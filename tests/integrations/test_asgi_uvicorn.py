@@ -42,6 +42,13 @@ class Finished:
 
 @contextlib.asynccontextmanager
 async def serve(app: Any, **config: Any) -> AsyncIterator[int]:
+    async with serving(app, **config) as (port, _):
+        yield port
+
+
+@contextlib.asynccontextmanager
+async def serving(app: Any, **config: Any) -> AsyncIterator[tuple[int, uvicorn.Server]]:
+    """Serve ``app`` with uvicorn on an ephemeral loopback port: (port, server)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
@@ -50,7 +57,7 @@ async def serve(app: Any, **config: Any) -> AsyncIterator[int]:
     server = uvicorn.Server(uvicorn.Config(app, lifespan="off", log_level="warning", **config))
     task = asyncio.create_task(server.serve(sockets=[sock]))
     try:
-        yield port
+        yield port, server
     finally:
         server.should_exit = True
         await asyncio.wait_for(task, 10)
