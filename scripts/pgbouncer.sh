@@ -64,8 +64,8 @@ max_client_conn = 1000
 max_db_connections = 0
 ; a client that waits longer than this for a server connection gets an error, not a hang
 query_wait_timeout = 30
-; after a server restart, retry connecting soon
-server_login_retry = 1
+; after a server restart, retry connecting soon (default 15 s)
+server_login_retry = ${SQLA_CONTEXT_PGBOUNCER_LOGIN_RETRY:-0.1}
 logfile = $dir/pgbouncer.log
 pidfile = $pidfile
 INI
