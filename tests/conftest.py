@@ -4,6 +4,13 @@ SQLite (a file in the test's tmp dir) always runs. PostgreSQL (asyncpg and psyco
 MariaDB (asyncmy) run when reachable; otherwise they skip with the reason, unless
 SQLA_CONTEXT_REQUIRE_SERVERS=1 (set by .ci/run), which turns an unreachable server into a
 failure. Override the server URLs with SQLA_CONTEXT_PG_URL / _PSYCOPG_URL / _MARIADB_URL.
+
+With SQLA_CONTEXT_PGBOUNCER=1 two more backends run: ``pgbouncer-asyncpg`` and
+``pgbouncer-psycopg``, PostgreSQL through PgBouncer in transaction mode
+(``scripts/pgbouncer.sh start``; URL SQLA_CONTEXT_PGBOUNCER_URL) with
+``sqla_context.pgbouncer_options``. Their databases are created and dropped, and their
+witness reads, through a direct connection to the PostgreSQL behind it (SQLA_CONTEXT_PG_URL's
+server), so the checks do not depend on PgBouncer. Select them with ``-k pgbouncer``.
 """
 
 from __future__ import annotations
@@ -13,6 +20,8 @@ import contextlib
 import importlib.util
 import os
 import re
+import shutil
+import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +30,7 @@ import pytest
 from sqlalchemy import Engine, event, make_url, text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 
-from sqla_context import Database
+from sqla_context import Database, pgbouncer_options
 
 REQUIRE_SERVERS = os.environ.get("SQLA_CONTEXT_REQUIRE_SERVERS", "") not in ("", "0")
 
@@ -37,6 +46,40 @@ BACKENDS = [
     pytest.param(("postgresql", PSYCOPG_URL, "psycopg"), id="pg-psycopg"),
     pytest.param(("mariadb", MARIADB_URL, "asyncmy"), id="mariadb"),
 ]
+
+PGBOUNCER_URL = os.environ.get(
+    "SQLA_CONTEXT_PGBOUNCER_URL", "postgresql+asyncpg://postgres@127.0.0.1:6432/test"
+)
+WITH_PGBOUNCER = os.environ.get("SQLA_CONTEXT_PGBOUNCER", "") not in ("", "0")
+
+
+def pgbouncer_url(driver: str) -> str:
+    """SQLA_CONTEXT_PGBOUNCER_URL with ``driver``."""
+    return make_url(PGBOUNCER_URL).set(drivername=f"postgresql+{driver}").render_as_string(False)
+
+
+def direct_url(url: str) -> str:
+    """``url`` (a PgBouncer URL) pointed at the PostgreSQL server of SQLA_CONTEXT_PG_URL."""
+    pg = make_url(PG_URL)
+    return make_url(url).set(host=pg.host, port=pg.port).render_as_string(False)
+
+
+PGBOUNCER_BACKENDS = [
+    pytest.param(("pgbouncer", pgbouncer_url(driver), driver), id=f"pgbouncer-{driver}")
+    for driver in ("asyncpg", "psycopg")
+]
+if WITH_PGBOUNCER:
+    BACKENDS += PGBOUNCER_BACKENDS
+
+_PGBOUNCER_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "pgbouncer.sh"
+
+
+def _start_pgbouncer() -> None:
+    """Start the test PgBouncer (idempotent) if the URL is the script's default one."""
+    if "SQLA_CONTEXT_PGBOUNCER_URL" in os.environ or shutil.which("pgbouncer") is None:
+        return
+    subprocess.run([str(_PGBOUNCER_SCRIPT), "start"], check=False, capture_output=True)
+
 
 _unreachable: dict[str, str] = {}  # url -> reason, so a dead server costs one timeout per run
 
@@ -72,14 +115,14 @@ def _on_connect(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
-async def _why_unusable(url: str, driver: str) -> str | None:
+async def _why_unusable(url: str, driver: str, **engine_options: Any) -> str | None:
     if importlib.util.find_spec(driver) is None:
         return f"driver {driver!r} is not installed (pip install 'sqla-context[test]')"
     if url in _unreachable:
         return _unreachable[url]
     if url.startswith("sqlite"):
         return None
-    engine = create_async_engine(url)
+    engine = create_async_engine(url, **engine_options)
 
     async def probe() -> None:
         async with engine.connect() as conn:
@@ -103,15 +146,23 @@ class Backend:
     connection may still be checked out.
     """
 
-    def __init__(self, kind: str, url: str, driver: str) -> None:
+    def __init__(self, kind: str, url: str, driver: str, *, pgbouncer: bool = False) -> None:
         self.kind = kind  # "sqlite" | "postgresql" | "mariadb"
         self.url = url
         self.driver = driver
-        self.witness: AsyncEngine = create_async_engine(url)
+        # Through PgBouncer (transaction mode): Databases get pgbouncer_options(); the
+        # witness connects to PostgreSQL directly.
+        self.pgbouncer = pgbouncer
+        self.engine_options: dict[str, Any] = pgbouncer_options(url) if pgbouncer else {}
+        self.witness: AsyncEngine = create_async_engine(direct_url(url) if pgbouncer else url)
         self.databases: list[Database] = []
         self.siblings: list[Backend] = []
 
-    def database(self, **options: Any) -> Database:
+    def database(self, *, preset: bool = True, **options: Any) -> Database:
+        """A Database on this backend, checked at teardown; ``preset=False``: no
+        pgbouncer_options() on a PgBouncer backend."""
+        if self.engine_options and preset:
+            options["engine_options"] = {**self.engine_options, **options.get("engine_options", {})}
         db = Database(self.url, **options)
         self.databases.append(db)
         return db
@@ -139,7 +190,12 @@ class Backend:
         else:
             await _create_database(self.witness, name)
             other = url.set(database=name)
-        be = Backend(self.kind, other.render_as_string(hide_password=False), self.driver)
+        be = Backend(
+            self.kind,
+            other.render_as_string(hide_password=False),
+            self.driver,
+            pgbouncer=self.pgbouncer,
+        )
         await be.setup()
         self.siblings.append(be)
         return be
@@ -184,9 +240,18 @@ class Backend:
         return count
 
     async def _open_transactions(self) -> int:
-        if self.kind == "sqlite" or not _server_ids:
+        if self.kind == "sqlite" or not (_server_ids or self.pgbouncer):
             return 0
         async with self.witness.connect() as conn:
+            if self.pgbouncer:
+                # PgBouncer's server connections change hands between transactions, so the
+                # pids seen at connect time are not the ones to watch. The database is this
+                # process's own: any of its sessions left idle in a transaction is ours.
+                sql = (
+                    "SELECT count(*) FROM pg_stat_activity WHERE pid <> pg_backend_pid() "
+                    "AND datname = current_database() AND state LIKE 'idle in transaction%'"
+                )
+                return int((await conn.execute(text(sql))).scalar_one())
             if self.kind == "postgresql":
                 ids = ", ".join(map(str, sorted(_server_ids)))
                 sql = (
@@ -225,6 +290,7 @@ class Backend:
 
 
 _created: set[str] = set()
+_started: set[str] = set()  # PgBouncer URLs we tried to start the test PgBouncer for
 
 
 async def _create_database(witness: AsyncEngine, name: str) -> None:
@@ -337,15 +403,34 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
     kind, url_template, driver = request.param
     url = url_template.format(tmp=tmp_path)
-    problem = await _why_unusable(url, driver)
+    via_pgbouncer = kind == "pgbouncer"
+    if via_pgbouncer:
+        kind = "postgresql"
+        problem = await _why_unusable(url, driver, **pgbouncer_options(url))
+        if problem is not None and url not in _started:
+            _started.add(url)
+            _unreachable.pop(url, None)
+            await asyncio.to_thread(_start_pgbouncer)
+            problem = await _why_unusable(url, driver, **pgbouncer_options(url))
+        if problem is not None:
+            problem += " (start it with scripts/pgbouncer.sh start)"
+    else:
+        problem = await _why_unusable(url, driver)
     if problem is not None:
         if REQUIRE_SERVERS:
             pytest.fail(f"SQLA_CONTEXT_REQUIRE_SERVERS is set but {problem}")
         pytest.skip(problem)
-    if kind != "sqlite":
+    if via_pgbouncer:
+        # The run database is created (and dropped at the end) on the server itself;
+        # PgBouncer's wildcard entry then reaches it by name.
+        admin = direct_url(url)
+        _server_urls.add(admin)
+        run_db = make_url(await _run_url(admin)).database
+        url = make_url(url).set(database=run_db).render_as_string(False)
+    elif kind != "sqlite":
         _server_urls.add(url)
         url = await _run_url(url)
-    be = Backend(kind, url, driver)
+    be = Backend(kind, url, driver, pgbouncer=via_pgbouncer)
     await be.setup()
     try:
         yield be

@@ -3,6 +3,7 @@
 from importlib.metadata import PackageNotFoundError, version
 
 from ._database import Database
+from ._pgbouncer import pgbouncer_options
 from ._scope import run_isolated, scope
 from ._transaction import TransactionBlock
 from .exceptions import (
@@ -37,11 +38,12 @@ __all__ = [
     "TransactionBlock",
     "UnsafeDatabaseError",
     "__version__",
+    "pgbouncer_options",
     "run_isolated",
     "scope",
 ]
 
 # Show the public home in reprs and docs (httpx does the same).
-for _obj in (Database, TransactionBlock, run_isolated, scope):
+for _obj in (Database, TransactionBlock, pgbouncer_options, run_isolated, scope):
     _obj.__module__ = __name__
 del _obj

@@ -6,15 +6,19 @@ A typing regression in the public API fails CI here.
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from sqla_context import CommitError, Database, run_isolated, scope
+from sqla_context import CommitError, Database, pgbouncer_options, run_isolated, scope
 
 db = Database("sqlite+aiosqlite:///app.db", engine_options={"echo": False})
 engine: AsyncEngine = db.engine
 maker: async_sessionmaker[AsyncSession] = db.sessionmaker
+bouncer_url = "postgresql+asyncpg://app@pgbouncer:6432/shop"
+bounced = Database(bouncer_url, engine_options=pgbouncer_options(bouncer_url, pool_pre_ping=True))
+options: dict[str, Any] = pgbouncer_options("psycopg")
 
 
 @scope()
