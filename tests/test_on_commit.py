@@ -30,6 +30,7 @@ from sqla_context import (
     on_commit,
     run_isolated,
     scope,
+    testing,
 )
 
 from .conftest import Backend, insert
@@ -668,3 +669,83 @@ async def test_random_sequences_match_the_model(backend: Backend) -> None:
         suppress_health_check=list(HealthCheck),
     )
     await asyncio.to_thread(run_state_machine_as_test, machine, settings=config)
+
+
+# -- sqla_context.testing --------------------------------------------------------------------
+
+
+async def test_rollback_mode_runs_them_as_in_production(backend: Backend) -> None:
+    db = backend.database()
+    seen: list[list[str]] = []
+
+    async def callback() -> None:  # reads through the isolation: sees the "committed" row
+        async with scope():
+            session = await db.session()
+            seen.append(list(await session.scalars(text("SELECT name FROM items"))))
+
+    async with testing.isolated(db):
+        async with scope():
+            await insert(await db.session(), "a")
+            on_commit(callback)
+        with contextlib.suppress(Boom):
+            async with scope():
+                on_commit(callback)
+                raise Boom
+    assert seen == [["a"]]
+    assert await backend.names() == [], "rolled back at the end of the isolated block"
+    await assert_clean(backend, db)
+
+
+async def test_captured_on_commit_holds_them_back_until_run(backend: Backend) -> None:
+    db = backend.database()
+    ran: list[str] = []
+
+    def broken() -> None:
+        raise Boom("first")
+
+    async with testing.isolated(db):
+        with testing.captured_on_commit() as captured:
+            async with scope():
+                await insert(await db.session(), "a")
+                on_commit(functools.partial(ran.append, "a"))
+                with contextlib.suppress(Boom):
+                    async with db.transaction():
+                        on_commit(functools.partial(ran.append, "savepoint-undone"))
+                        raise Boom
+                on_commit(broken)
+                on_commit(functools.partial(ran.append, "b"))
+            with contextlib.suppress(Boom):
+                async with scope():
+                    on_commit(functools.partial(ran.append, "rolled-back"))
+                    raise Boom
+            assert ran == [], "captured, not run"
+            assert len(captured) == 3
+            first = captured.callbacks[0]
+            assert isinstance(first, functools.partial)
+            assert first.args == ("a",)
+            assert captured.callbacks[1] is broken
+            with pytest.raises(Boom, match="first"):  # raised, even without raise_errors
+                await captured.run()
+            assert ran == ["a", "b"], "the others ran before the failure was raised"
+            assert len(captured) == 0
+            await captured.run()  # nothing left: runs nothing twice
+            assert ran == ["a", "b"]
+        async with scope():  # the block has ended: callbacks run again
+            on_commit(functools.partial(ran.append, "after"))
+        assert ran == ["a", "b", "after"]
+    await assert_clean(backend, db)
+
+
+async def test_captures_nest_and_work_in_commit_mode(backend: Backend) -> None:
+    db = backend.database()
+    async with testing.isolated(db, mode="commit"):
+        with testing.captured_on_commit() as outer:
+            with testing.captured_on_commit() as inner:
+                async with scope():
+                    await insert(await db.session(), "a")
+                    on_commit(print)
+            async with scope():
+                on_commit(print)
+        assert (len(outer), len(inner)) == (1, 1)
+        assert await backend.names() == ["a"]
+    assert await backend.names() == []
