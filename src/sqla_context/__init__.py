@@ -4,7 +4,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from ._database import Database
 from ._pgbouncer import pgbouncer_options
-from ._scope import run_isolated, scope
+from ._scope import on_commit, run_isolated, scope
 from ._transaction import TransactionBlock
 from .exceptions import (
     CommitError,
@@ -38,12 +38,13 @@ __all__ = [
     "TransactionBlock",
     "UnsafeDatabaseError",
     "__version__",
+    "on_commit",
     "pgbouncer_options",
     "run_isolated",
     "scope",
 ]
 
 # Show the public home in reprs and docs (httpx does the same).
-for _obj in (Database, TransactionBlock, pgbouncer_options, run_isolated, scope):
+for _obj in (Database, TransactionBlock, on_commit, pgbouncer_options, run_isolated, scope):
     _obj.__module__ = __name__
 del _obj

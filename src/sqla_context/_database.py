@@ -22,7 +22,13 @@ from sqlalchemy.ext.asyncio import (
 from ._aiosqlite import close_interrupted_cursors
 from ._scope import _current, _Unit, check_hook, commit_session
 from ._transaction import TransactionBlock
-from .exceptions import ConfigurationError, EventLoopError, NoScopeError, ScopeClosedError
+from .exceptions import (
+    CommitError,
+    ConfigurationError,
+    EventLoopError,
+    NoScopeError,
+    ScopeClosedError,
+)
 
 if TYPE_CHECKING:
     from ._typing import BeforeSessionHook, EngineFactory, ExistingMode, SessionHook
@@ -472,6 +478,9 @@ class Database:
         unit = _current.get()
         session = unit.sessions.get(self) if unit is not None else None
         if session is not None:
+            if session.in_transaction():
+                assert unit is not None
+                unit.drop_callbacks()  # the work they were registered with is undone
             await session.rollback()
 
     async def close_session(self, *, commit: bool | None = None) -> None:
@@ -495,7 +504,15 @@ class Database:
             commit = unit.commit != "never"
         ending = _Unit("always" if commit else "never", unit.before_commit, unit.after_commit)
         ending.sessions[self] = session
-        await ending.end(failed=False)
+        if not commit and session.in_transaction():
+            unit.drop_callbacks()
+        try:
+            await ending.end(failed=False)
+        except CommitError:
+            unit.drop_callbacks()
+            raise
+        if commit and unit.callbacks is not None and not unit.in_transaction():
+            await unit.committed()
 
     # -- transactions and independent sessions ---------------------------------------------
 

@@ -31,13 +31,13 @@ from typing import TYPE_CHECKING, Any, get_args
 from sqlalchemy.exc import IllegalStateChangeError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from ._typing import CommitMode, NestedMode, P, R, SessionHook
-from .exceptions import CommitError, ConfigurationError, NestedScopeError
+from ._typing import CommitCallback, CommitMode, NestedMode, P, R, SessionHook
+from .exceptions import CommitError, ConfigurationError, NestedScopeError, NoScopeError
 
 if TYPE_CHECKING:
     from ._database import Database
 
-__all__ = ["run_isolated", "scope"]
+__all__ = ["on_commit", "run_isolated", "scope"]
 
 _log = logging.getLogger("sqla_context")
 
@@ -52,6 +52,14 @@ _current: ContextVar[_Unit | None] = ContextVar("sqla_context.scope", default=No
 # Strong references to clean-ups running in the background, so that one whose waiter was
 # cancelled is not garbage-collected half-way through a ROLLBACK.
 _in_flight: set[asyncio.Task[None]] = set()
+
+#: An ``on_commit()`` registration: the callback and its ``raise_errors``.
+_Entry = tuple[CommitCallback, bool]
+
+# Opened by sqla_context.testing.captured_on_commit(): while one is open, the callbacks of
+# work that committed go to the innermost list instead of running. Process-wide, not a
+# ContextVar, so that apps run in another thread (TestClient) are captured too.
+_captures: list[list[_Entry]] = []
 
 
 def check_choice(option: str, value: object, choices: object) -> None:
@@ -80,6 +88,7 @@ class _Unit:
     __slots__ = (
         "after_commit",
         "before_commit",
+        "callbacks",
         "closed",
         "commit",
         "failed",
@@ -105,6 +114,10 @@ class _Unit:
         self.on_session: Callable[[], None] | None = None
         self.closed = False
         self.failed = False
+        # on_commit() callbacks waiting for the commit: a list of frames, the scope's own
+        # first, then one per savepoint block still open (see savepoint_begun()). None
+        # until the first callback or savepoint: most units have neither.
+        self.callbacks: list[list[_Entry]] | None = None
         # Sessions and connections belong to the event loop they were made in, and a thread
         # runs one loop at a time: the unit serves the thread it was made in. (The thread,
         # not the loop: get_ident() costs a fraction of get_running_loop() on Python 3.11,
@@ -138,6 +151,68 @@ class _Unit:
         """True while this unit is open and may be used from the running thread's loop."""
         return not self.closed and self.thread == get_ident()
 
+    # -- on_commit() callbacks -------------------------------------------------------------
+
+    def add_callback(self, entry: _Entry) -> None:
+        """Register ``entry`` in the innermost open savepoint block (or the scope itself)."""
+        if self.callbacks is None:
+            self.callbacks = [[]]
+        self.callbacks[-1].append(entry)
+
+    def savepoint_begun(self) -> list[_Entry]:
+        """Open a frame for the callbacks registered inside a savepoint block; return it."""
+        if self.callbacks is None:
+            self.callbacks = [[]]
+        frame: list[_Entry] = []
+        self.callbacks.append(frame)
+        return frame
+
+    def savepoint_ended(self, frame: list[_Entry], *, released: bool) -> None:
+        """Close ``frame``: hand its callbacks to the enclosing level, or drop them.
+
+        Frames opened inside it and not closed yet end with it. A frame that is gone (an
+        early commit or rollback meanwhile ran or dropped every pending callback) is left
+        alone: what was registered after that belongs to the transaction that followed.
+        """
+        frames = self.callbacks
+        if frames is None:
+            return
+        for index in range(len(frames) - 1, 0, -1):
+            if frames[index] is frame:  # identity: empty frames are all equal
+                inner = [entry for f in frames[index:] for entry in f]
+                del frames[index:]
+                if released:
+                    frames[-1].extend(inner)
+                return
+
+    def drop_callbacks(self) -> None:
+        """Forget every pending callback: the work they were registered with is rolled back."""
+        if self.callbacks is not None:
+            self.callbacks = None
+
+    def in_transaction(self) -> bool:
+        """Whether any session of the unit has work that is not committed yet."""
+        return any(session.in_transaction() for session in self.sessions.values())
+
+    async def committed(self) -> None:
+        """Run the pending callbacks, now that everything they were registered with is committed.
+
+        Handed to the innermost capture instead, if one is open (sqla_context.testing).
+
+        Raises:
+            Exception: the first exception of a callback registered with ``raise_errors``.
+        """
+        frames, self.callbacks = self.callbacks, None
+        entries = [entry for frame in frames for entry in frame] if frames else []
+        if not entries:
+            return
+        if _captures:
+            _captures[-1].extend(entries)
+            return
+        await run_callbacks(entries)
+
+    # -- ending ----------------------------------------------------------------------------
+
     async def end(self, *, failed: bool, close: bool = True) -> None:
         """Commit (unless ``failed``, see ``commit``) or roll back every session.
 
@@ -147,8 +222,14 @@ class _Unit:
         the connections go back to the pool, but the sessions stay in the unit, usable:
         work done with them afterwards is ended by the next ``end()``.
 
+        Once every session is committed and its connection released, the ``on_commit()``
+        callbacks run (outside the scope: the unit is no longer current while they run).
+        A rollback, a failed commit or a cancellation drops them.
+
         Raises:
             CommitError: a commit failed; everything not committed was rolled back.
+            Exception: an ``after_commit`` hook's, or a callback's registered with
+                ``raise_errors``, once everything is committed and released.
         """
         commit = self.commit == "always" or (
             self.commit == "auto" and not failed and not self.failed
@@ -156,16 +237,112 @@ class _Unit:
         sessions = list(self.sessions.items())
         if not sessions:  # nothing was opened: no I/O
             self.closed = self.closed or close
+            if self.callbacks is not None:  # registered, but no database work to commit
+                if commit:
+                    await self.committed()
+                else:
+                    self.callbacks = None
             return
         discard: set[AsyncSession] = set()  # sessions whose COMMIT failed or was cut short
+        hook_failure: Exception | None = None
         try:
             if commit:
-                await _commit_all(self, sessions, discard)
+                hook_failure = await _commit_all(self, sessions, discard)
+        except BaseException:
+            self.drop_callbacks()  # not everything was committed
+            raise
         finally:
             if close:
                 self.closed = True
                 self.sessions.clear()
             await _release_all(sessions, close=close, discard=discard)
+        if self.callbacks is not None:
+            if commit:
+                try:
+                    await self.committed()
+                except Exception:
+                    if hook_failure is None:
+                        raise
+                    _log.error("on_commit callback failed", exc_info=True)
+            else:
+                self.callbacks = None
+        if hook_failure is not None:
+            raise hook_failure
+
+
+async def run_callbacks(entries: list[_Entry], *, raise_all: bool = False) -> None:
+    """Call each callback in order, awaiting awaitables, with no scope active.
+
+    A failing callback does not stop the next ones. Its exception is logged (ERROR, with
+    the traceback), except the first one of a callback registered with ``raise_errors``
+    (of any, with ``raise_all``), which is raised once all have run.
+    """
+    token = _current.set(None)  # they run after the scope's work: not inside the scope
+    first: Exception | None = None
+    try:
+        for callback, raise_errors in entries:
+            try:
+                result = callback()
+                if inspect.isawaitable(result):
+                    await result
+            except Exception as exc:
+                if (raise_errors or raise_all) and first is None:
+                    first = exc
+                    continue
+                _log.error(
+                    "on_commit callback %r failed (its work is committed); going on with the"
+                    " next callback",
+                    callback,
+                    exc_info=True,
+                )
+    finally:
+        _current.reset(token)
+    if first is not None:
+        raise first
+
+
+def on_commit(callback: CommitCallback, /, *, raise_errors: bool = False) -> None:
+    """Call ``callback()`` once the current scope's work is committed; never if it is not.
+
+    Use it for side effects that must follow the data, never precede it: send the mail,
+    enqueue the job, invalidate the cache. ``callback`` takes no arguments (use
+    ``functools.partial`` or a lambda to pass some); it may be a plain function or an async
+    one (an awaitable it returns is awaited). Callbacks run in the order they were
+    registered, in the scope's task, after the commit hooks and once the connections are
+    back in the pool, with no scope active: to use the database, open a scope of their own.
+
+    When: at the end of the scope, once every database of the scope has committed. An
+    earlier commit this library makes (``db.commit()``, ``db.close_session()``, a top-level
+    ``db.transaction()`` block) runs the callbacks registered so far if it leaves no
+    session of the scope with uncommitted work. They are dropped when the scope rolls back,
+    when a commit fails, when ``db.rollback()`` (or another rollback by this library) rolls
+    back work, and, for those registered inside a ``db.transaction()`` savepoint, when that
+    savepoint is rolled back. See the "Hooks and callbacks" page of the docs.
+
+    Args:
+        callback: called with no arguments; sync or async.
+        raise_errors: ``False`` (default): an exception of the callback is logged (ERROR,
+            logger ``sqla_context``, with the traceback) and the next callback runs, since
+            the data is committed whatever the callback does. ``True``: the exception is
+            raised where the scope's work was committed (from the ``async with scope():``
+            block's exit, ``db.commit()``, the middleware), after the other callbacks ran.
+
+    Raises:
+        ConfigurationError: ``callback`` is not callable.
+        NoScopeError: no scope is active (a scope that has ended counts as none).
+    """
+    if not callable(callback):
+        raise ConfigurationError(f"on_commit() needs a callable, got {callback!r}")
+    unit = _current.get()
+    if unit is None:
+        raise NoScopeError(None, what="on_commit() needs an active scope; none is active.")
+    if unit.closed:
+        raise NoScopeError(
+            None,
+            what="on_commit() was called in a scope that has already ended (code that "
+            "outlived its scope), so the callback would never run.",
+        )
+    unit.add_callback((callback, raise_errors))
 
 
 async def call_hooks(session: AsyncSession, *hooks: SessionHook | None) -> None:
@@ -178,15 +355,23 @@ async def call_hooks(session: AsyncSession, *hooks: SessionHook | None) -> None:
 
 
 async def commit_session(db: Database, unit: _Unit | None, session: AsyncSession) -> None:
-    """Commit with the Database's and the scope's hooks around it (errors propagate as-is)."""
+    """Commit with the Database's and the scope's hooks around it (errors propagate as-is).
+
+    Runs the scope's pending ``on_commit()`` callbacks afterwards if no session of the
+    scope has uncommitted work left; drops them if the COMMIT itself failed.
+    """
     discard: set[AsyncSession] = set()
     try:
         await _commit(db, session, unit.before_commit if unit else None, discard)
     except BaseException:
         if discard:  # the caller may go on with the session: keep it, drop its connection
+            if unit is not None:
+                unit.drop_callbacks()
             await _discard(db, session, keep=True)
         raise
     await call_hooks(session, db.after_commit, unit.after_commit if unit else None)
+    if unit is not None and unit.callbacks is not None and not unit.in_transaction():
+        await unit.committed()
 
 
 async def _commit(
@@ -208,8 +393,12 @@ async def _commit(
 
 async def _commit_all(
     unit: _Unit, sessions: list[tuple[Database, AsyncSession]], discard: set[AsyncSession]
-) -> None:
-    """Commit each session in turn, with the hooks; stop at the first failure."""
+) -> Exception | None:
+    """Commit each session in turn, with the hooks; stop at the first failure.
+
+    Returns the first exception of an ``after_commit`` hook (every session is committed
+    then), for the caller to raise once it has released the sessions.
+    """
     committed: list[str] = []
     hook_failure: Exception | None = None
     for index, (db, session) in enumerate(sessions):
@@ -228,8 +417,7 @@ async def _commit_all(
         except Exception as exc:
             _log.error("after_commit hook failed for database %r", db.name, exc_info=True)
             hook_failure = hook_failure or exc
-    if hook_failure is not None:
-        raise hook_failure
+    return hook_failure
 
 
 async def _release_all(

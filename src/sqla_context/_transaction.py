@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncSession, AsyncSessionTransaction
 
     from ._database import Database
+    from ._scope import _Entry, _Unit
 
 
 class TransactionBlock:
@@ -23,7 +24,7 @@ class TransactionBlock:
     Entering yields the scope's ``AsyncSession``. See :meth:`Database.transaction`.
     """
 
-    __slots__ = ("_db", "_existing", "_savepoint", "_session")
+    __slots__ = ("_db", "_existing", "_frame", "_savepoint", "_session", "_unit")
 
     def __init__(self, db: Database, existing: ExistingMode) -> None:
         check_choice("existing", existing, ExistingMode)
@@ -31,6 +32,9 @@ class TransactionBlock:
         self._existing: ExistingMode = existing
         self._session: AsyncSession | None = None
         self._savepoint: AsyncSessionTransaction | None = None
+        self._unit: _Unit | None = None
+        # The on_commit() callbacks registered inside this block's savepoint.
+        self._frame: list[_Entry] | None = None
 
     async def __aenter__(self) -> AsyncSession:
         if self._session is not None:
@@ -39,7 +43,9 @@ class TransactionBlock:
             )
         db = self._db
         session = await db.session()
-        self._savepoint = None
+        unit = _current.get()
+        assert unit is not None  # db.session() raised otherwise
+        self._savepoint = self._frame = None
         if session.in_transaction():
             existing = self._existing
             if existing == "raise":
@@ -50,10 +56,12 @@ class TransactionBlock:
                 savepoint = session.begin_nested()
                 await savepoint.__aenter__()
                 self._savepoint = savepoint
+                self._frame = unit.savepoint_begun()
             elif existing == "commit":
-                await commit_session(db, _current.get(), session)
+                await commit_session(db, unit, session)
                 await session.begin()
             elif existing == "rollback":
+                unit.drop_callbacks()
                 await session.rollback()
                 await session.begin()
             # "join": nothing to do; the block's exit commits the open transaction.
@@ -62,29 +70,42 @@ class TransactionBlock:
             # statement ran sees the transaction and takes a savepoint instead of committing.
             await session.begin()
         self._session = session
+        self._unit = unit
         return session
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any
     ) -> None:
-        session, savepoint = self._session, self._savepoint
-        self._session = self._savepoint = None
+        session, savepoint, unit, frame = self._session, self._savepoint, self._unit, self._frame
+        self._session = self._savepoint = self._unit = self._frame = None
         assert session is not None
+        assert unit is not None
         if savepoint is not None:
+            assert frame is not None
+            # A failed flush inside the block deactivated the savepoint even if the block
+            # caught the error: it is rolled back below, and so are its callbacks.
+            released = exc_type is None and savepoint.is_active
             # SQLAlchemy's own exit: RELEASE SAVEPOINT on success, ROLLBACK TO SAVEPOINT on
             # an exception, and the undo of a savepoint that a failed flush inside the
             # block deactivated (the caller caught the IntegrityError and went on); a
             # savepoint already ended inside the block (close_session()) is left alone.
             # The outer transaction goes on in every case.
-            await savepoint.__aexit__(exc_type, exc, tb)
+            try:
+                await savepoint.__aexit__(exc_type, exc, tb)
+            except BaseException:
+                unit.savepoint_ended(frame, released=False)
+                raise
+            unit.savepoint_ended(frame, released=released)
             return
         if exc_type is not None:
+            unit.drop_callbacks()
             await session.rollback()
             return
         if session.in_transaction():
             try:
-                await commit_session(self._db, _current.get(), session)
+                await commit_session(self._db, unit, session)
             except BaseException:
+                unit.drop_callbacks()
                 await session.rollback()  # a failing hook left the transaction open
                 raise
 

@@ -22,6 +22,8 @@ ExistingMode: TypeAlias = Literal["nest", "commit", "rollback", "join", "raise"]
 
 #: ``before_commit`` / ``after_commit`` callback: sync or async, receives the session.
 SessionHook: TypeAlias = "Callable[[AsyncSession], Awaitable[None] | None]"
+#: ``on_commit()`` callback: called with no arguments; an awaitable it returns is awaited.
+CommitCallback: TypeAlias = "Callable[[], object]"
 #: ``before_session`` callback: async, receives the Database about to open a session.
 BeforeSessionHook: TypeAlias = "Callable[[Database], Awaitable[None]]"
 #: ``engine_factory``: builds the engine when it is first needed.

@@ -191,7 +191,9 @@ class SessionMiddleware:
             # Work done after the response started (streaming, background tasks) commits
             # here, unless the client hung up first. An HTTP app that returned without
             # starting a response gets rolled back.
-            if unit.sessions:  # (most requests of many apps use no database: no await)
+            # (Most requests of many apps use no database and register no on_commit()
+            # callback: no await.)
+            if unit.sessions or unit.callbacks:
                 failed = request.disconnected or (kind == "http" and request.stage == _NOT_STARTED)
                 await unit.end(failed=failed)
             else:
@@ -340,7 +342,9 @@ class _Request:
         if kind == "http.response.start":
             if self.stage == _NOT_STARTED:
                 self.stage = _STARTED
-                if self.unit.sessions:  # a request that used no database pays no await here
+                # A request that used no database (and has no on_commit() callback) pays
+                # no await here.
+                if self.unit.sessions or self.unit.callbacks:
                     return self._end_then_start(message)
         elif kind == "http.response.body" or kind == "http.response.zerocopysend":
             if not message.get("more_body", False):

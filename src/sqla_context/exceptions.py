@@ -5,7 +5,7 @@ builtin a caller may already catch::
 
     SqlaContextError
     ├── ConfigurationError (ValueError)       bad option value, raised by the call that got it
-    ├── NoScopeError (LookupError)            db.session() with no active scope
+    ├── NoScopeError (LookupError)            db.session() or on_commit() with no active scope
     ├── ScopeClosedError (RuntimeError)       db.session() from a scope that has ended
     ├── NestedScopeError (RuntimeError)       scope() inside an active scope, without nested=
     ├── EventLoopError (RuntimeError)         a scope or pool used from another event loop
@@ -53,11 +53,16 @@ class ConfigurationError(SqlaContextError, ValueError):
 
 
 class NoScopeError(SqlaContextError, LookupError):
-    """``await db.session()`` (or ``db.transaction()``) ran where no scope is active."""
+    """``await db.session()`` (or ``db.transaction()``, ``on_commit()``) ran with no active scope.
 
-    def __init__(self, db_name: str) -> None:
+    ``db_name`` names the Database asked for; it is ``None`` for ``on_commit()``, which
+    concerns the scope, not one database.
+    """
+
+    def __init__(self, db_name: str | None, *, what: str | None = None) -> None:
+        what = what or f"No active scope for database {db_name!r}."
         super().__init__(
-            f"No active scope for database {db_name!r}. Add "
+            f"{what} Add "
             "sqla_context.asgi.SessionMiddleware to the app, or run this code under "
             "`async with scope():` / `@scope()`. A task or thread started before "
             "the scope began cannot see it: pass it the session, or use "

@@ -39,8 +39,10 @@ from sqlalchemy import MetaData
 from ._database import Database
 from .testing import (
     DEFAULT_LOCK_TIMEOUT,
+    CapturedCallbacks,
     IsolationMode,
     RunDatabases,
+    captured_on_commit,
     isolated,
     looks_like_test_database,
 )
@@ -53,6 +55,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     ) from exc
 
 __all__ = [
+    "sqla_captured_on_commit",
     "sqla_databases",
     "sqla_is_test_database",
     "sqla_isolation",
@@ -156,3 +159,14 @@ async def sqla_isolation(
     finally:
         for db in sqla_run_databases:
             await db.dispose()
+
+
+@pytest.fixture
+def sqla_captured_on_commit() -> Iterator[CapturedCallbacks]:
+    """Hold back the ``on_commit()`` callbacks of the test (see ``testing.captured_on_commit``).
+
+    Callbacks of work that commits during the test are collected, not run; assert on
+    ``sqla_captured_on_commit.callbacks`` and run them with ``await ....run()``.
+    """
+    with captured_on_commit() as captured:
+        yield captured

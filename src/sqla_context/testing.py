@@ -17,6 +17,8 @@ Rollback mode (default)
     the same database (a replica on the primary's URL) share that connection. At the end the
     outer transaction is rolled back. The sessions share one connection, so code that runs
     queries of one database concurrently (``run_isolated`` under ``gather``) needs commit mode.
+    ``on_commit()`` callbacks run as in production, after the app's (savepoint) commit;
+    ``captured_on_commit()`` holds them back for the test to inspect and run.
 
 Commit mode
     The app really commits; when the block ends, the tables it wrote to (with their schema,
@@ -47,18 +49,21 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from ._cleanup import truncated_after
 from ._isolation import IsolationError, IsolationMode, registered, rolled_back
-from ._scope import check_choice
+from ._scope import _captures, _Entry, check_choice, run_callbacks
 from .exceptions import ConfigurationError, UnsafeDatabaseError
 
 if TYPE_CHECKING:
     from sqlalchemy import Connection
 
     from ._database import Database
+    from ._typing import CommitCallback
 
 __all__ = [
+    "CapturedCallbacks",
     "IsolationError",
     "IsolationMode",
     "RunDatabases",
+    "captured_on_commit",
     "isolated",
     "isolated_in",
     "looks_like_test_database",
@@ -200,6 +205,68 @@ def isolated_in(
 
     with portal.wrap_async_context_manager(isolate_then_dispose()):
         yield
+
+
+class CapturedCallbacks:
+    """The ``on_commit()`` callbacks held back by :func:`captured_on_commit`, in order.
+
+    ``callbacks`` lists them in the order they would have run (compare them, or their
+    ``functools.partial`` arguments, in assertions); ``await run()`` runs them.
+    """
+
+    __slots__ = ("_entries",)
+
+    def __init__(self) -> None:
+        self._entries: list[_Entry] = []
+
+    @property
+    def callbacks(self) -> list[CommitCallback]:
+        """The captured callbacks not run yet, in the order they would have run."""
+        return [callback for callback, _ in self._entries]
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    async def run(self) -> None:
+        """Run the captured callbacks in order (with no scope active) and forget them.
+
+        Every callback runs even if one fails; then the first exception is raised, whatever
+        ``raise_errors`` said (a test wants to see it), and the others are logged.
+        """
+        entries = list(self._entries)
+        self._entries.clear()
+        await run_callbacks(entries, raise_all=True)
+
+
+@contextlib.contextmanager
+def captured_on_commit() -> Iterator[CapturedCallbacks]:
+    """Hold back ``on_commit()`` callbacks instead of running them, for a test to inspect.
+
+    Inside the block, the callbacks of every scope whose work commits (in rollback mode of
+    :func:`isolated`: whose work is "committed" to the test's savepoints) are collected in
+    the yielded :class:`CapturedCallbacks` instead of being run; callbacks dropped by a
+    rollback are not collected. The block itself runs nothing: call ``await
+    captured.run()``. Works with or without :func:`isolated`, in either mode, and for apps
+    running in another thread (``TestClient``): the capture is process-wide while it is
+    open. Blocks may nest; the innermost one captures.
+
+    Example::
+
+        with captured_on_commit() as captured:
+            await client.post("/signup", json={"email": "ada@example.com"})
+        [welcome] = captured.callbacks              # a functools.partial(send_welcome, ...)
+        assert welcome.args == ("ada@example.com",)
+        await captured.run()
+    """
+    captured = CapturedCallbacks()
+    _captures.append(captured._entries)
+    try:
+        yield captured
+    finally:
+        for index in range(len(_captures) - 1, -1, -1):
+            if _captures[index] is captured._entries:  # identity: empty lists are all equal
+                del _captures[index]
+                break
 
 
 def worker_url(url: URL, worker: str) -> URL:

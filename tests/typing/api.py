@@ -6,12 +6,14 @@ A typing regression in the public API fails CI here.
 from __future__ import annotations
 
 import asyncio
+import functools
 from typing import Any
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from sqla_context import CommitError, Database, pgbouncer_options, run_isolated, scope
+from sqla_context import CommitError, Database, on_commit, pgbouncer_options, run_isolated, scope
+from sqla_context.testing import CapturedCallbacks, captured_on_commit
 
 db = Database("sqlite+aiosqlite:///app.db", engine_options={"echo": False})
 engine: AsyncEngine = db.engine
@@ -87,3 +89,21 @@ async def spawn() -> None:
 
 def run_job_from_sync_code() -> str:
     return asyncio.run(job(2, dry_run=True))
+
+
+def send_mail(to: str) -> None: ...
+
+
+async def notify() -> None: ...
+
+
+async def callbacks() -> None:
+    async with scope():
+        on_commit(functools.partial(send_mail, "ada@example.com"))
+        on_commit(notify, raise_errors=True)
+        on_commit(lambda: print("done"))
+    with captured_on_commit() as captured:
+        c: CapturedCallbacks = captured
+        count: int = len(c)
+        print(count, c.callbacks)
+        await c.run()
