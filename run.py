@@ -4,6 +4,9 @@
     python3 run.py demo     # run the demo (SQLite by default; DATABASE_URL=... for PostgreSQL)
     python3 run.py test     # run the test suite (extra arguments go to pytest)
     python3 run.py lint     # ruff + mypy --strict
+    python3 run.py docs     # build the documentation site (strict) and serve it locally
+    python3 run.py docs --build        # only build it, into build/site (what CI runs)
+    python3 run.py docs --zensical     # build it with Zensical instead of MkDocs
     python3 run.py bench    # micro-benchmark (extra arguments: a script and its options)
     python3 run.py bench --peers [options]   # peer comparison (benchmarks/peers/run.py)
 
@@ -27,7 +30,7 @@ VENV = ROOT / ".venv"
 BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
 PY = BIN / ("python.exe" if os.name == "nt" else "python")
 
-EXTRAS = {"demo": "demo", "test": "test", "lint": "test,lint", "bench": "test,bench"}
+EXTRAS = {"demo": "demo", "test": "test", "lint": "test,lint", "bench": "test,bench", "docs": "docs"}
 PEERS_VENV = ROOT / ".venv-peers"
 PEERS_REQUIREMENTS = ROOT / "benchmarks" / "peers" / "requirements.txt"
 
@@ -79,6 +82,17 @@ def ensure_peers_env() -> Path:
     return py
 
 
+def docs(options: list[str], env: dict[str, str]) -> None:
+    if "--zensical" in options:
+        sh(BIN / "zensical", "build", "--clean", "--strict", env=env)
+        return
+    sh(PY, "-m", "mkdocs", "build", "--strict", env=env)
+    print(f"built: {ROOT / 'build' / 'site' / 'index.html'}", flush=True)
+    if "--build" not in options:
+        print("serving on http://127.0.0.1:8000/ (Ctrl+C stops)", flush=True)
+        sh(PY, "-m", "mkdocs", "serve", "--strict", "--dev-addr", "127.0.0.1:8000", env=env)
+
+
 def main(argv: list[str]) -> int:
     if not argv or argv[0] not in EXTRAS:
         print(__doc__)
@@ -105,6 +119,8 @@ def main(argv: list[str]) -> int:
             sh(PY, "-m", "mypy")
         elif command == "bench":
             sh(PY, *(rest or ["benchmarks/session_lookup.py"]), env=env)
+        elif command == "docs":
+            docs(rest, {**env, "NO_MKDOCS_2_WARNING": "1"})
     except subprocess.CalledProcessError as exc:
         return exc.returncode
     except KeyboardInterrupt:

@@ -14,11 +14,13 @@ Rules for docs/*.md and README.md:
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import os
 import re
 import subprocess
 import sys
+import typing
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -28,7 +30,6 @@ from typing import Any
 import pytest
 
 import sqla_context
-from sqla_context import Database
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [*sorted((ROOT / "docs").glob("*.md")), ROOT / "README.md"]
@@ -47,6 +48,7 @@ EXPECTED_PAGES = {
     "faststream",
     "integrations",
     "callbacks",
+    "rules",
 }
 LANGUAGES = {"python", "py", "text", "console"}
 #: Upper bound for one program; they take about a second each.
@@ -244,57 +246,102 @@ def test_links_resolve(page: Path) -> None:
             assert anchor in slugs(linked), f"{page.relative_to(ROOT)}: no anchor for {target!r}"
 
 
-# -- the reference follows the code ----------------------------------------------------------------
+# -- the docstrings document the code (the API reference is generated from them) ----------------
+
+PUBLIC_MODULES = [
+    "sqla_context",
+    "sqla_context.asgi",
+    "sqla_context.testing",
+    "sqla_context.pytest_plugin",
+    "sqla_context.litestar",
+    "sqla_context.aiohttp",
+    "sqla_context.taskiq",
+    "sqla_context.faststream",
+]
 
 
-def reference_sections() -> dict[str, str]:
-    """Heading text -> text up to the next heading, for docs/reference.md."""
-    page = ROOT / "docs" / "reference.md"
-    inside = {n for f in fences(page) for n in range(f.start, f.end + 1)}
-    sections: dict[str, str] = {}
-    heading = ""
-    for number, line in enumerate(page.read_text(encoding="utf-8").splitlines()):
-        match = HEADING.match(line)
-        if match is not None and number not in inside:
-            heading = match["text"]
-            sections[heading] = ""
-        elif heading:
-            sections[heading] += line + "\n"
-    return sections
-
-
-def section(sections: dict[str, str], name: str) -> str:
-    for heading, body in sections.items():
-        if re.match(rf"`{re.escape(name)}[(`]", heading):
-            return body
-    raise AssertionError(f"docs/reference.md has no heading for `{name}`")
+def type_module(name: str) -> str:
+    """The module that defines the type alias ``name`` (re-exported by a public module)."""
+    module = importlib.import_module(name.rsplit(".", 1)[0])
+    alias = name.rsplit(".", 1)[1]
+    for candidate in (module.__name__, *(m for m in sys.modules if m.startswith("sqla_context."))):
+        source = inspect.getsource(sys.modules[candidate])
+        if re.search(rf"^{alias} = ", source, re.M):
+            return candidate
+    return module.__name__
 
 
 def public_api() -> list[tuple[str, Any]]:
-    api = [(name, getattr(sqla_context, name)) for name in sqla_context.__all__]
-    api += [
-        (f"Database.{name}", getattr(Database, name))
-        for name in dir(Database)
-        if not name.startswith("_")
-    ]
+    """Every name of every public module's ``__all__``, and the public members of its classes."""
+    api: list[tuple[str, Any]] = []
+    for module_name in PUBLIC_MODULES:
+        module = importlib.import_module(module_name)
+        for name in module.__all__:
+            if name == "__version__":
+                continue
+            obj = getattr(module, name)
+            api.append((f"{module_name}.{name}", obj))
+            if inspect.isclass(obj) and not issubclass(obj, BaseException):
+                api += [
+                    (f"{module_name}.{name}.{member}", getattr(obj, member))
+                    for member in vars(obj)
+                    if not member.startswith("_")
+                ]
     return api
 
 
 def parameters(obj: Any) -> list[str]:
-    """The parameters a reader passes: constructors of Database and scope, and functions."""
-    if obj is Database or obj is sqla_context.scope:
+    """The parameters a reader passes: of functions, and of a class's constructor."""
+    if inspect.isclass(obj) and not issubclass(obj, BaseException):
         target = obj.__init__
-    elif inspect.isfunction(obj):  # run_isolated and the methods of Database
+    elif inspect.isfunction(obj):
         target = obj
-    else:  # exceptions (raised, not built, by users), properties, attributes, __version__
+    else:  # exceptions (raised, not built, by users), properties, attributes
         return []
-    return [name for name in inspect.signature(target).parameters if name != "self"]
+    return [
+        name
+        for name, parameter in inspect.signature(target).parameters.items()
+        if name != "self"
+        and parameter.kind not in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD)
+    ]
+
+
+def framework_hook(name: str) -> bool:
+    """A method a framework calls (it overrides a method of the framework's base class)."""
+    owner, member = name.rsplit(".", 1)
+    module_name, _, class_name = owner.rpartition(".")
+    if owner in PUBLIC_MODULES or not module_name:
+        return False
+    cls = getattr(importlib.import_module(module_name), class_name, None)
+    return inspect.isclass(cls) and any(
+        member in vars(base) for base in cls.__mro__[1:] if not base.__module__.startswith("sqla_")
+    )
+
+
+def docstring(name: str, obj: Any) -> str:
+    """The docstring a reader sees for ``obj``; a class attribute is described in its class's."""
+    if typing.get_origin(obj) is typing.Literal:  # a type alias: its docstring follows it
+        source = inspect.getsource(importlib.import_module(type_module(name)))
+        match = re.search(
+            rf"^{name.rsplit('.', 1)[1]} = .*\n\"\"\"(.+?)\"\"\"", source, re.M | re.S
+        )
+        return match[1] if match else ""
+    if type(obj).__name__ in ("member_descriptor", "getset_descriptor") or not callable(obj):
+        owner = importlib.import_module(name.rsplit(".", 2)[0])
+        return inspect.getdoc(getattr(owner, name.rsplit(".", 2)[1])) or ""
+    return inspect.getdoc(obj) or ""
 
 
 @pytest.mark.parametrize(("name", "obj"), public_api(), ids=[name for name, _ in public_api()])
-def test_reference_documents_every_public_name(name: str, obj: Any) -> None:
-    body = section(reference_sections(), name)
-    for parameter in parameters(obj):
-        assert re.search(rf"\b{parameter}\b", body), (
-            f"docs/reference.md: the section on `{name}` does not mention {parameter!r}"
+def test_docstring_documents_every_public_name(name: str, obj: Any) -> None:
+    text = docstring(name, obj)
+    assert text, f"{name} has no docstring (the API reference is generated from it)"
+    if type(obj).__name__ in ("member_descriptor", "getset_descriptor"):
+        assert re.search(rf"\b{name.rsplit('.', 1)[1]}\b", text), (
+            f"{name}: the class docstring does not describe this attribute"
+        )
+    whole = text + (inspect.getdoc(obj.__init__) or "" if inspect.isclass(obj) else "")
+    for parameter in [] if framework_hook(name) else parameters(obj):
+        assert re.search(rf"\b{parameter}\b", whole), (
+            f"{name}: the docstring does not mention the parameter {parameter!r}"
         )

@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from ._database import Database
 
 IsolationMode = Literal["rollback", "commit"]
+"""The modes of :func:`isolated`: ``"rollback"`` (nothing outlives the block) or ``"commit"``."""
 
 
 class IsolationError(SqlaContextError, RuntimeError):

@@ -21,7 +21,8 @@ if TYPE_CHECKING:
 class TransactionBlock:
     """What ``db.transaction()`` returns: an async context manager and a decorator.
 
-    Entering yields the scope's ``AsyncSession``. See :meth:`Database.transaction`.
+    Entering yields the scope's ``AsyncSession``. Made by :meth:`Database.transaction`, whose
+    ``existing`` argument (what to do with a transaction already open) it carries.
     """
 
     __slots__ = ("_db", "_existing", "_frame", "_savepoint", "_session", "_unit")

@@ -147,7 +147,8 @@ class SessionMiddleware(BaseMiddleware):
     committing part of its work early (``db.commit()``, ``db.close_session()``). See the
     module docstring for the ack policies and brokers under which that holds.
 
-    Pass the class itself; FastStream makes one instance per message::
+    Pass the class itself; FastStream makes one instance per message (its constructor takes
+    FastStream's ``msg`` and ``context``, never your code)::
 
         broker = RabbitBroker(url, middlewares=[SessionMiddleware])
         router = RabbitRouter(middlewares=[SessionMiddleware])   # or for some subscribers

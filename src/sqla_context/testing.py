@@ -185,6 +185,13 @@ def isolated_in(
     one of the loop they are made in. Writes made through the client are therefore not
     visible to queries the test runs in its own loop; read them through the client.
 
+    Args:
+        portal: the ``TestClient``'s portal (``client.portal``), whose loop runs the app.
+        *databases: as for :func:`isolated`.
+        mode: as for :func:`isolated`.
+        is_test_database: as for :func:`isolated`.
+        lock_timeout: as for :func:`isolated`.
+
     Raises:
         The same errors as :func:`isolated`, raised in the calling thread.
     """
@@ -270,8 +277,9 @@ def captured_on_commit() -> Iterator[CapturedCallbacks]:
 
 
 def worker_url(url: URL, worker: str) -> URL:
-    """The URL of ``worker``'s own database: ``<name>_<worker>`` on a server, a sibling file
-    ``<stem>_<worker><suffix>`` for SQLite (an in-memory SQLite URL is returned as is).
+    """The URL of ``worker``'s own database, made from ``url``: ``<name>_<worker>`` on a server,
+    a sibling file ``<stem>_<worker><suffix>`` for SQLite (an in-memory SQLite URL is returned
+    as is).
 
     :class:`RunDatabases` passes ``<worker>_<random token>`` as ``worker``, so that two runs
     on one server never pick the same name. A server name is shortened to 63 characters
