@@ -3,6 +3,7 @@
 from importlib.metadata import PackageNotFoundError, version
 
 from ._database import Database
+from ._retry import Retry, is_retryable
 from ._scope import run_isolated, scope
 from ._transaction import TransactionBlock
 from .exceptions import (
@@ -12,6 +13,7 @@ from .exceptions import (
     LeakError,
     NestedScopeError,
     NoScopeError,
+    RetryError,
     ScopeClosedError,
     SqlaContextError,
     TransactionAlreadyOpenError,
@@ -31,17 +33,20 @@ __all__ = [
     "LeakError",
     "NestedScopeError",
     "NoScopeError",
+    "Retry",
+    "RetryError",
     "ScopeClosedError",
     "SqlaContextError",
     "TransactionAlreadyOpenError",
     "TransactionBlock",
     "UnsafeDatabaseError",
     "__version__",
+    "is_retryable",
     "run_isolated",
     "scope",
 ]
 
 # Show the public home in reprs and docs (httpx does the same).
-for _obj in (Database, TransactionBlock, run_isolated, scope):
+for _obj in (Database, Retry, TransactionBlock, is_retryable, run_isolated, scope):
     _obj.__module__ = __name__
 del _obj
