@@ -109,6 +109,9 @@ def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         pid, started = cursor.fetchone()
         _server_ids.add(int(pid))
         _pg_backend_starts[int(pid)] = int(started)
+        # End the transaction the query began: psycopg refuses to set the isolation level
+        # (engine_options={"isolation_level": ...}) on a connection inside a transaction.
+        dbapi_connection.rollback()
     else:
         cursor.execute("SELECT connection_id()")
         _server_ids.add(int(cursor.fetchone()[0]))

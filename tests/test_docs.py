@@ -49,6 +49,7 @@ EXPECTED_PAGES = {
     "integrations",
     "callbacks",
     "rules",
+    "retries",
 }
 LANGUAGES = {"python", "py", "text", "console"}
 #: Upper bound for one program; they take about a second each.

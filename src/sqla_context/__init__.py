@@ -4,6 +4,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from ._database import Database
 from ._pgbouncer import pgbouncer_options
+from ._retry import Retry, is_retryable
 from ._scope import on_commit, run_isolated, scope
 from ._transaction import TransactionBlock
 from .exceptions import (
@@ -13,6 +14,7 @@ from .exceptions import (
     LeakError,
     NestedScopeError,
     NoScopeError,
+    RetryError,
     ScopeClosedError,
     SqlaContextError,
     TransactionAlreadyOpenError,
@@ -32,12 +34,15 @@ __all__ = [
     "LeakError",
     "NestedScopeError",
     "NoScopeError",
+    "Retry",
+    "RetryError",
     "ScopeClosedError",
     "SqlaContextError",
     "TransactionAlreadyOpenError",
     "TransactionBlock",
     "UnsafeDatabaseError",
     "__version__",
+    "is_retryable",
     "on_commit",
     "pgbouncer_options",
     "run_isolated",
@@ -45,6 +50,15 @@ __all__ = [
 ]
 
 # Show the public home in reprs and docs (httpx does the same).
-for _obj in (Database, TransactionBlock, on_commit, pgbouncer_options, run_isolated, scope):
+for _obj in (
+    Database,
+    Retry,
+    TransactionBlock,
+    is_retryable,
+    on_commit,
+    pgbouncer_options,
+    run_isolated,
+    scope,
+):
     _obj.__module__ = __name__
 del _obj

@@ -26,11 +26,12 @@ import sys
 from collections.abc import Awaitable, Callable, Coroutine
 from contextvars import ContextVar, Token
 from threading import get_ident
-from typing import TYPE_CHECKING, Any, get_args
+from typing import TYPE_CHECKING, Any, get_args, overload
 
 from sqlalchemy.exc import IllegalStateChangeError
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from ._retry import Retry, as_retry, call_retrying
 from ._typing import CommitCallback, CommitMode, NestedMode, P, R, SessionHook
 from .exceptions import CommitError, ConfigurationError, NestedScopeError, NoScopeError
 
@@ -682,12 +683,21 @@ class scope:  # noqa: N801 - reads as a function at the call site
             async), in the scope's task and context. An exception aborts that commit like a
             failing COMMIT.
         after_commit: called with each session right after this scope committed it.
+        retry: decorator only. A number of attempts or a :class:`~sqla_context.Retry`: a
+            call that fails with a serialization failure or a deadlock (see
+            :func:`~sqla_context.is_retryable`) is rolled back and run again from the start
+            in a fresh scope, after a jittered backoff. Retried units are outermost units:
+            called inside an active scope, ``nested="raise"`` raises and ``nested="new"``
+            runs (and retries) independently; ``nested="reuse"`` and ``commit="always"`` are
+            refused. See docs/retries.md for what must not be retried.
 
     Raises:
         ConfigurationError: an option value is not one of the allowed ones, or a hook is
-            not callable.
+            not callable; ``retry=`` on ``async with`` (a block cannot be run again) or
+            with ``nested="reuse"`` or ``commit="always"``.
         NestedScopeError: on entry, a scope is active and ``nested="raise"``.
         CommitError: at exit, a commit failed; see its attributes for what was committed.
+        RetryError: ``retry=``: the last allowed attempt failed with a retryable error.
 
     Example::
 
@@ -697,7 +707,15 @@ class scope:  # noqa: N801 - reads as a function at the call site
         # committed and closed here
     """
 
-    __slots__ = ("_after_commit", "_before_commit", "_commit", "_nested", "_token", "_unit")
+    __slots__ = (
+        "_after_commit",
+        "_before_commit",
+        "_commit",
+        "_nested",
+        "_retry",
+        "_token",
+        "_unit",
+    )
 
     def __init__(
         self,
@@ -706,11 +724,13 @@ class scope:  # noqa: N801 - reads as a function at the call site
         nested: NestedMode = "raise",
         before_commit: SessionHook | None = None,
         after_commit: SessionHook | None = None,
+        retry: int | Retry | None = None,
     ) -> None:
         check_choice("commit", commit, CommitMode)
         check_choice("nested", nested, NestedMode)
         check_hook("before_commit", before_commit)
         check_hook("after_commit", after_commit)
+        self._retry = _check_retry(as_retry("retry", retry), commit, nested)
         self._commit: CommitMode = commit
         self._nested: NestedMode = nested
         self._before_commit = before_commit
@@ -721,6 +741,12 @@ class scope:  # noqa: N801 - reads as a function at the call site
     async def __aenter__(self) -> None:
         if self._unit is not None:
             raise RuntimeError("this scope() object is already in use; create a new one per entry")
+        if self._retry is not None:
+            raise ConfigurationError(
+                "retry= needs a function to run again: `async with scope(retry=...)` cannot "
+                "re-run its block. Use @scope(retry=...) on the function, or "
+                "run_isolated(fn, retry=...)."
+            )
         active = _current.get()
         # A unit of another event loop (a thread's asyncio.run()) is not active here.
         if active is not None and active.is_current():
@@ -750,19 +776,64 @@ class scope:  # noqa: N801 - reads as a function at the call site
         if not inspect.iscoroutinefunction(fn):
             raise TypeError(f"@scope() decorates async functions only; got {fn!r}")
         options = (self._commit, self._nested, self._before_commit, self._after_commit)
+        policy = self._retry
+
+        def open_unit() -> scope:
+            commit, nested, before, after = options
+            return scope(commit=commit, nested=nested, before_commit=before, after_commit=after)
+
+        if policy is not None:
+
+            @functools.wraps(fn)
+            async def retried(*args: P.args, **kwargs: P.kwargs) -> R:
+                if options[1] == "raise" and _active() is not None:
+                    raise NestedScopeError(retry=True)
+                return await call_retrying(policy, open_unit, fn, args, kwargs)
+
+            return retried
 
         @functools.wraps(fn)
         async def in_scope(*args: P.args, **kwargs: P.kwargs) -> R:
-            commit, nested, before, after = options
-            async with scope(
-                commit=commit, nested=nested, before_commit=before, after_commit=after
-            ):
+            async with open_unit():
                 return await fn(*args, **kwargs)
 
         return in_scope
 
 
-async def run_isolated(fn: Callable[P, Awaitable[R]], /, *args: P.args, **kwargs: P.kwargs) -> R:
+def _active() -> _Unit | None:
+    """The unit active in this context and this thread's event loop, if any."""
+    active = _current.get()
+    return active if active is not None and active.is_current() else None
+
+
+def _check_retry(policy: Retry | None, commit: CommitMode, nested: NestedMode) -> Retry | None:
+    if policy is None:
+        return None
+    if nested == "reuse":
+        raise ConfigurationError(
+            "scope(retry=..., nested='reuse') is not valid: a unit that joins an active scope "
+            "cannot be re-run on its own (the scope's earlier work would not be). Put retry= "
+            "on the outermost scope, or use nested='new' for an independent retried unit."
+        )
+    if commit == "always":
+        raise ConfigurationError(
+            "scope(retry=..., commit='always') is not valid: a failed attempt would be "
+            "committed before it is run again. Use commit='auto' (default) or 'never'."
+        )
+    return policy
+
+
+@overload
+async def run_isolated(fn: Callable[[], Awaitable[R]], /, *, retry: int | Retry | None) -> R: ...
+
+
+@overload
+async def run_isolated(
+    fn: Callable[P, Awaitable[R]], /, *args: P.args, **kwargs: P.kwargs
+) -> R: ...
+
+
+async def run_isolated(fn: Callable[..., Awaitable[R]], /, *args: Any, **kwargs: Any) -> R:
     """Run ``await fn(*args, **kwargs)`` in a fresh, independent scope and return its result.
 
     The call gets its own sessions and connections, committed when ``fn`` returns and
@@ -776,8 +847,23 @@ async def run_isolated(fn: Callable[P, Awaitable[R]], /, *args: P.args, **kwargs
     committed independently of the calling scope (it does not see the caller's uncommitted
     changes, and the caller's rollback does not undo it).
 
+    ``run_isolated(fn, retry=...)`` (a number of attempts or a :class:`~sqla_context.Retry`)
+    runs ``fn`` again, in a fresh scope, while it fails with a serialization failure or a
+    deadlock; see ``scope(retry=...)``. The keyword ``retry`` always belongs to
+    ``run_isolated``: give ``fn`` its arguments with ``functools.partial`` or a ``lambda``
+    (``run_isolated(partial(transfer, a, b), retry=5)``).
+
     Raises:
         CommitError: committing ``fn``'s work failed.
+        RetryError: ``retry=``: the last allowed attempt failed with a retryable error.
     """
+    if "retry" in kwargs:
+        policy = as_retry("retry", kwargs.pop("retry"))
+        if policy is not None:
+            return await call_retrying(policy, _isolated_unit, fn, args, kwargs)
     async with scope(nested="new"):
         return await fn(*args, **kwargs)
+
+
+def _isolated_unit() -> scope:
+    return scope(nested="new")

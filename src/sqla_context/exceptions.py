@@ -12,6 +12,7 @@ builtin a caller may already catch::
     ├── TransactionAlreadyOpenError (RuntimeError)
     │                                         db.transaction(existing="raise") with one open
     ├── CommitError                           a scope's commit failed; names what was committed
+    ├── RetryError                            a retried unit failed on every attempt
     ├── UnsafeDatabaseError (RuntimeError)    sqla_context.testing refused a non-test database
     └── LeakError (AssertionError)            a test left a connection checked out
 
@@ -33,6 +34,7 @@ __all__ = [
     "LeakError",
     "NestedScopeError",
     "NoScopeError",
+    "RetryError",
     "ScopeClosedError",
     "SqlaContextError",
     "TransactionAlreadyOpenError",
@@ -93,12 +95,22 @@ class ScopeClosedError(SqlaContextError, RuntimeError):
 class NestedScopeError(SqlaContextError, RuntimeError):
     """``scope()`` was entered while another scope is active, without ``nested=``."""
 
-    def __init__(self) -> None:
-        super().__init__(
-            "A scope is already active in this context. Pass nested='reuse' to join it (its "
-            "owner commits and closes), or nested='new' to open an independent scope with its "
-            "own sessions and connections."
-        )
+    def __init__(self, *, retry: bool = False) -> None:
+        if retry:
+            message = (
+                "A scope is already active in this context, and a retried unit must be the "
+                "outermost one: retrying inside it would repeat only part of its transaction. "
+                "Pass nested='new' to run the retried unit on its own (it does not see the "
+                "active scope's uncommitted changes), or call it outside any scope (a request "
+                "handler: see docs/retries.md)."
+            )
+        else:
+            message = (
+                "A scope is already active in this context. Pass nested='reuse' to join it "
+                "(its owner commits and closes), or nested='new' to open an independent scope "
+                "with its own sessions and connections."
+            )
+        super().__init__(message)
 
 
 class EventLoopError(SqlaContextError, RuntimeError):
@@ -174,6 +186,32 @@ class CommitError(SqlaContextError):
         )
 
 
+class RetryError(SqlaContextError):
+    """A retried unit of work failed with a retryable error on its last allowed attempt.
+
+    Raised by ``@scope(retry=...)`` and ``run_isolated(fn, retry=...)``, chained ``from``
+    the last error (also in ``last``). Every attempt was rolled back; nothing of the unit
+    was committed.
+
+    Attributes:
+        attempts: how many times the unit ran.
+        last: the error of the last attempt (a driver error wrapped by SQLAlchemy, or a
+            :class:`CommitError` if it surfaced at the COMMIT).
+    """
+
+    def __init__(self, attempts: int, last: BaseException, code: str | None = None) -> None:
+        self.attempts = attempts
+        self.last = last
+        what = f"{code}, " if code else ""
+        super().__init__(
+            f"The unit of work failed on all {attempts} attempt(s); the last with "
+            f"{what}{_describe(_unwrap_commit(last))}. "
+            "Every attempt was rolled back. Contention this persistent calls for fewer "
+            "concurrent writers of the same rows or shorter transactions; more attempts "
+            "(Retry(attempts=...)) only wait longer. (docs: retries)"
+        )
+
+
 class UnsafeDatabaseError(SqlaContextError, RuntimeError):
     """:mod:`sqla_context.testing` refused a server database that does not look like a test one.
 
@@ -190,6 +228,13 @@ class LeakError(SqlaContextError, AssertionError):
     database. Usually a session made from ``db.sessionmaker()`` or a connection from
     ``db.engine.connect()`` that the test or the app never closed.
     """
+
+
+def _unwrap_commit(exc: BaseException) -> BaseException:
+    """The failure behind a :class:`CommitError`, else ``exc``: what a log line should show."""
+    if isinstance(exc, CommitError) and exc.__cause__ is not None:
+        return exc.__cause__
+    return exc
 
 
 def _describe(exc: BaseException) -> str:

@@ -49,6 +49,8 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from ._cleanup import truncated_after
 from ._isolation import IsolationError, IsolationMode, registered, rolled_back
+from ._retry import _RetryTesting
+from ._retry import set_retry_testing as _set_retry_testing
 from ._scope import _captures, _Entry, check_choice, run_callbacks
 from .exceptions import ConfigurationError, UnsafeDatabaseError
 
@@ -67,11 +69,31 @@ __all__ = [
     "isolated",
     "isolated_in",
     "looks_like_test_database",
+    "set_retry_testing",
     "worker_url",
 ]
 
 #: Seconds a connection may wait for a lock during an isolated block (see ``isolated()``).
 DEFAULT_LOCK_TIMEOUT = 10.0
+
+
+def set_retry_testing(testing: bool, *, attempts: int | None = 1) -> _RetryTesting:
+    """Make retried units fast and predictable in tests (process-wide), or back to normal.
+
+    ``set_retry_testing(True)`` turns retries off: a unit runs once, and a retryable error
+    raises :class:`~sqla_context.RetryError` at once. ``attempts=n`` allows up to ``n`` runs
+    (capped by each ``Retry``'s own), ``attempts=None`` keeps each ``Retry``'s own. In
+    testing mode there is never a wait between attempts. ``set_retry_testing(False)``
+    restores normal retrying. Used as a context manager, the call restores the previous
+    state at the end of the block::
+
+        with testing.set_retry_testing(True, attempts=None):
+            ...  # retries as configured, without backoff
+
+    Raises:
+        ConfigurationError: ``attempts`` is not None or an int >= 1.
+    """
+    return _set_retry_testing(testing, attempts=attempts)
 
 
 def looks_like_test_database(name: str) -> bool:

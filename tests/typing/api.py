@@ -12,8 +12,18 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from sqla_context import CommitError, Database, on_commit, pgbouncer_options, run_isolated, scope
-from sqla_context.testing import CapturedCallbacks, captured_on_commit
+from sqla_context import (
+    CommitError,
+    Database,
+    Retry,
+    RetryError,
+    is_retryable,
+    on_commit,
+    pgbouncer_options,
+    run_isolated,
+    scope,
+)
+from sqla_context.testing import CapturedCallbacks, captured_on_commit, set_retry_testing
 
 db = Database("sqlite+aiosqlite:///app.db", engine_options={"echo": False})
 engine: AsyncEngine = db.engine
@@ -41,7 +51,33 @@ async def write(name: str) -> None:
     await session.execute(text("select :n"), {"n": name})
 
 
+@scope(retry=5)
+async def move_funds(source: int, target: int, amount: int = 0) -> bool:
+    return source != target
+
+
+@scope(nested="new", retry=Retry(attempts=3, backoff=0.05, on_retry=lambda a, e, d: None))
+async def book(seat: str) -> str:
+    return seat
+
+
 async def main() -> None:
+    done: bool = await move_funds(1, 2, amount=3)
+    seat: str = await book("12A")
+    moved: bool = await run_isolated(functools.partial(move_funds, 1, 2), retry=Retry(attempts=2))
+    again: bool = await run_isolated(lambda: move_funds(1, 2), retry=3)
+    plain: bool = await run_isolated(move_funds, 1, 2, amount=1)
+    try:
+        await move_funds(1, 2)
+    except RetryError as exc:
+        attempts: int = exc.attempts
+        last: BaseException = exc.last
+        flag: bool = is_retryable(last, lock_timeouts=True)
+        del attempts, flag
+    with set_retry_testing(True, attempts=None):
+        pass
+    set_retry_testing(False)
+    del done, seat, moved, again, plain
     name: str = await job(1, dry_run=True)
     total: int = await report(1, 2, 3)
     a, b = await asyncio.gather(run_isolated(job, 1), run_isolated(report, 1, 2))
