@@ -84,8 +84,10 @@ class _Unit:
         "commit",
         "failed",
         "locks",
+        "routes",
         "sessions",
         "thread",
+        "wrote",
     )
 
     def __init__(
@@ -102,6 +104,10 @@ class _Unit:
         self.locks: dict[Database, asyncio.Lock] | None = None
         self.closed = False
         self.failed = False
+        # Read routing (sqla_context._replicas), created on first need: where each primary's
+        # read_session() goes in this scope, and the primaries this scope wrote to.
+        self.routes: dict[Database, Database] | None = None
+        self.wrote: set[Database] | None = None
         # Sessions and connections belong to the event loop they were made in, and a thread
         # runs one loop at a time: the unit serves the thread it was made in. (The thread,
         # not the loop: get_ident() costs a fraction of get_running_loop() on Python 3.11,
@@ -168,7 +174,13 @@ async def call_hooks(session: AsyncSession, *hooks: SessionHook | None) -> None:
 
 
 async def commit_session(db: Database, unit: _Unit | None, session: AsyncSession) -> None:
-    """Commit with the Database's and the scope's hooks around it (errors propagate as-is)."""
+    """Commit with the Database's and the scope's hooks around it (errors propagate as-is).
+
+    A read-only Database never commits: its transaction is rolled back instead, without hooks.
+    """
+    if db.read_only:
+        await session.rollback()
+        return
     discard: set[AsyncSession] = set()
     try:
         await _commit(db, session, unit.before_commit if unit else None, discard)
@@ -203,12 +215,13 @@ async def _commit_all(
     committed: list[str] = []
     hook_failure: Exception | None = None
     for index, (db, session) in enumerate(sessions):
-        if not session.in_transaction():
+        if not session.in_transaction() or db.read_only:  # read-only: rolled back below
             continue
         try:
             await _commit(db, session, unit.before_commit, discard)
         except Exception as exc:
             rest = [d.name for d, s in sessions[index + 1 :] if s.in_transaction()]
+            rest += [d.name for d, s in sessions[:index] if d.read_only and s.in_transaction()]
             raise CommitError(db.name, committed, [db.name, *rest], exc) from exc
         committed.append(db.name)
         try:
