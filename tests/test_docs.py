@@ -46,6 +46,7 @@ EXPECTED_PAGES = {
     "taskiq",
     "faststream",
     "integrations",
+    "replicas",
 }
 LANGUAGES = {"python", "py", "text", "console"}
 #: Upper bound for one program; they take about a second each.

@@ -10,7 +10,7 @@ import asyncio
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from sqla_context import CommitError, Database, run_isolated, scope
+from sqla_context import CommitError, Database, ReadOnlyError, run_isolated, scope
 
 db = Database("sqlite+aiosqlite:///app.db", engine_options={"echo": False})
 engine: AsyncEngine = db.engine
@@ -83,3 +83,25 @@ async def spawn() -> None:
 
 def run_job_from_sync_code() -> str:
     return asyncio.run(job(2, dry_run=True))
+
+
+replica = Database("sqlite+aiosqlite:///replica.db", read_only=True)
+routed = Database(
+    "sqlite+aiosqlite:///app.db",
+    replicas=[replica],
+    read_from_primary=lambda db: db.scope_wrote(),
+    replica_retry=2.5,
+)
+replicas: tuple[Database, ...] = routed.replicas
+read_only: bool = replica.read_only
+
+
+@scope()
+async def routed_job() -> bool:
+    reader: AsyncSession = await routed.read_session()
+    await reader.execute(text("select 1"))
+    try:
+        await replica.commit()
+    except ReadOnlyError as exc:
+        raise RuntimeError(str(exc)) from exc
+    return routed.scope_wrote()
