@@ -50,6 +50,7 @@ EXPECTED_PAGES = {
     "callbacks",
     "rules",
     "retries",
+    "replicas",
 }
 LANGUAGES = {"python", "py", "text", "console"}
 #: Upper bound for one program; they take about a second each.

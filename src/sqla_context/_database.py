@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import threading
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from threading import get_ident
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +20,7 @@ from sqlalchemy.ext.asyncio import (
 )
 
 from ._aiosqlite import close_interrupted_cursors
+from ._replicas import make_read_only, read_session, track_writes
 from ._scope import _current, _Unit, check_hook, commit_session
 from ._transaction import TransactionBlock
 from .exceptions import (
@@ -27,11 +28,18 @@ from .exceptions import (
     ConfigurationError,
     EventLoopError,
     NoScopeError,
+    ReadOnlyError,
     ScopeClosedError,
 )
 
 if TYPE_CHECKING:
-    from ._typing import BeforeSessionHook, EngineFactory, ExistingMode, SessionHook
+    from ._typing import (
+        BeforeSessionHook,
+        EngineFactory,
+        ExistingMode,
+        ReadFromPrimaryHook,
+        SessionHook,
+    )
 
 __all__ = ["Database"]
 
@@ -127,13 +135,33 @@ class Database:
             (a scope that has read holds a shared lock until it ends, which blocks other
             connections' commits unless the database is in WAL mode). ``False`` (default)
             keeps the driver's behaviour.
+        read_only: every connection refuses writes at the server (PostgreSQL: ``SET SESSION
+            CHARACTERISTICS AS TRANSACTION READ ONLY``; MySQL/MariaDB: ``SET SESSION
+            TRANSACTION READ ONLY``; SQLite: ``PRAGMA query_only``, sent once per new
+            connection), so a write (also an autoflush) raises the driver's error. Its
+            sessions never commit: scope exit, :meth:`close_session` and transaction blocks
+            end them with a rollback, without the commit hooks; :meth:`commit` and
+            ``close_session(commit=True)`` raise :class:`~sqla_context.ReadOnlyError`.
+            For replicas, and for code that must not write. See docs/replicas.md.
+        replicas: read-only ``Database`` objects (``read_only=True``) that serve
+            :meth:`read_session` until the scope writes to this database.
+        read_from_primary: ``hook(db) -> bool``, sync, called on a scope's first
+            :meth:`read_session`; ``True`` sends that scope's reads to this (primary)
+            database, e.g. for a few seconds after the user's last write. Needs ``replicas``.
+        replica_retry: seconds during which a replica that could not be reached is skipped
+            (its reads go to the primary) before it is tried again. Default 5.
 
     Raises:
         ConfigurationError: neither or both of ``url`` and ``engine_factory``; a ``url``
             that cannot be parsed, names an unknown or sync driver, or a driver that is not
             installed (the message names the extra to install); an ``engine_options`` or
             ``session_options`` key that SQLAlchemy does not accept; a hook that is not
-            callable.
+            callable; ``read_only=True`` for a dialect other than PostgreSQL, MySQL, MariaDB
+            and SQLite; a replica that is not a read-only ``Database``, or has replicas
+            itself; ``read_from_primary`` without ``replicas``; ``replica_retry <= 0``.
+
+    .. versionadded:: 0.1.0
+        ``read_only``, ``replicas``, ``read_from_primary``, ``replica_retry``.
     """
 
     __slots__ = (
@@ -144,6 +172,9 @@ class Database:
         "_lock",
         "_loop",
         "_name",
+        "_read_only",
+        "_replica_down",
+        "_replicas",
         "_retired",
         "_scope_options",
         "_sessionmaker",
@@ -154,6 +185,8 @@ class Database:
         "before_commit",
         "before_session",
         "engine_options",
+        "read_from_primary",
+        "replica_retry",
         "session_options",
     )
 
@@ -169,6 +202,10 @@ class Database:
         before_commit: SessionHook | None = None,
         after_commit: SessionHook | None = None,
         sqlite_begin: bool = False,
+        read_only: bool = False,
+        replicas: Iterable[Database] = (),
+        read_from_primary: ReadFromPrimaryHook | None = None,
+        replica_retry: float = 5.0,
     ) -> None:
         if (url is None) == (engine_factory is None):
             raise ConfigurationError("Database() needs exactly one of `url` and `engine_factory`")
@@ -178,8 +215,26 @@ class Database:
             ("before_session", before_session),
             ("before_commit", before_commit),
             ("after_commit", after_commit),
+            ("read_from_primary", read_from_primary),
         ):
             check_hook(option, hook)
+        self._read_only = bool(read_only)
+        self._replicas = self._check_replicas(replicas)
+        if read_from_primary is not None and not self._replicas:
+            raise ConfigurationError(
+                "read_from_primary is called by read_session() to choose between the primary "
+                "and its replicas: pass replicas=[...] too"
+            )
+        # type(): a string or a bool is a mistake, though float() would take it.
+        retry = float(replica_retry) if type(replica_retry) in (int, float) else 0.0
+        if not retry > 0:  # also NaN
+            raise ConfigurationError(
+                f"replica_retry must be a number of seconds > 0, got {replica_retry!r}"
+            )
+        self.read_from_primary = read_from_primary
+        self.replica_retry = retry
+        # Replicas that could not be reached -> when to try them again (time.monotonic()).
+        self._replica_down: dict[Database, float] = {}
         try:
             self._url: URL | None = make_url(url) if url is not None else None
         except (ArgumentError, ValueError) as exc:
@@ -218,6 +273,31 @@ class Database:
         if self._url is not None:
             self._install(_engine_from_url(self._url, self.engine_options))
 
+    def _check_replicas(self, replicas: Iterable[Database]) -> tuple[Database, ...]:
+        if isinstance(replicas, (Database, str, URL)):
+            raise ConfigurationError(
+                "replicas must be a list of Database objects: replicas=[Database(url, "
+                "read_only=True)]"
+            )
+        checked: list[Database] = []
+        for replica in replicas:
+            if not isinstance(replica, Database):
+                raise ConfigurationError(
+                    f"each replica must be a Database(url, read_only=True), got {replica!r}"
+                )
+            if not replica.read_only:
+                raise ConfigurationError(
+                    f"replica {replica.name!r} is not read-only: create it with "
+                    "Database(url, read_only=True), so that its sessions never commit and a "
+                    "write through it fails instead of reaching the replica"
+                )
+            if replica.replicas:
+                raise ConfigurationError(f"replica {replica.name!r} has replicas of its own")
+            if replica in checked:
+                raise ConfigurationError(f"replica {replica.name!r} is listed twice")
+            checked.append(replica)
+        return tuple(checked)
+
     # -- identity --------------------------------------------------------------------------
 
     @property
@@ -239,6 +319,16 @@ class Database:
 
     def __repr__(self) -> str:
         return f"Database({self.name!r})"
+
+    @property
+    def read_only(self) -> bool:
+        """True for ``Database(..., read_only=True)``: its sessions never commit."""
+        return self._read_only
+
+    @property
+    def replicas(self) -> tuple[Database, ...]:
+        """The read-only Databases :meth:`read_session` may choose from (``replicas=``)."""
+        return self._replicas
 
     # -- engine lifecycle ------------------------------------------------------------------
 
@@ -283,6 +373,10 @@ class Database:
     def _install(self, engine: AsyncEngine) -> None:
         if self._sqlite_begin and self._factory is None and engine.dialect.name == "sqlite":
             _let_sqlalchemy_begin(engine)
+        if self._read_only:
+            make_read_only(engine, self.name)
+        if self._replicas:
+            track_writes(self, engine)
         close_interrupted_cursors(engine)
         self._sessionmaker = async_sessionmaker(engine, **self.session_options)
         self._engine = engine
@@ -458,6 +552,61 @@ class Database:
                 raise ScopeClosedError(self.name)
             return unit.add(self, self._open_session())
 
+    async def read_session(self) -> AsyncSession:
+        """Return the scope's session for reading: a replica's, or the primary's after a write.
+
+        Without ``replicas`` this is :meth:`session`. With them, the scope's first call
+        chooses where its reads go, and later calls keep that choice:
+
+        - the primary (``await db.session()``, the same session the scope writes with) if
+          the scope has already sent a statement that may write through this database's
+          engine, or if ``read_from_primary(db)`` returns ``True``;
+        - otherwise a replica chosen at random among those not skipped after a failure. Its
+          session (``await replica.session()``) connects at once: if that fails, a WARNING
+          is logged, the replica is skipped for ``replica_retry`` seconds, and the next
+          replica or the primary is used.
+
+        Once the scope writes through this database (any statement except ``SELECT``,
+        ``SHOW``, ``VALUES``, transaction control, and ``WITH`` queries without
+        ``INSERT``/``UPDATE``/``DELETE``/``MERGE``, sent by the ORM, Core or ``text()``),
+        later calls return the primary's session, which sees the scope's own writes. The
+        replica's session stays open (objects loaded from it stay usable) until the scope ends.
+
+        Raises:
+            NoScopeError: no scope is active.
+            ScopeClosedError: the scope this code runs in has already ended.
+
+        .. versionadded:: 0.1.0
+        """
+        if not self._replicas:
+            return await self.session()
+        return await read_session(self)
+
+    def scope_wrote(self) -> bool:
+        """True if the current scope has sent a statement that may write to this database.
+
+        Use it to carry read-your-writes past the scope, e.g. set a short-lived cookie that
+        your ``read_from_primary`` hook reads in the user's next requests. Counts statements
+        sent through this Database's engine from inside the scope (its session,
+        :meth:`new_session`, ``db.engine``), also if they were rolled back later.
+
+        Raises:
+            NoScopeError: no scope is active.
+            ConfigurationError: this Database has no ``replicas`` (writes are tracked only
+                for a primary).
+
+        .. versionadded:: 0.1.0
+        """
+        if not self._replicas:
+            raise ConfigurationError(
+                f"scope_wrote() tracks writes of a primary with replicas; {self.name!r} has "
+                "none (pass replicas=[...])"
+            )
+        unit = _current.get()
+        if unit is None:
+            raise NoScopeError(self.name)
+        return unit.wrote is not None and self in unit.wrote
+
     async def commit(self) -> None:
         """Commit the scope's session for this database now, running the commit hooks.
 
@@ -465,9 +614,12 @@ class Database:
         The session stays open; later queries begin a new transaction.
 
         Raises:
+            ReadOnlyError: this Database is read-only (its sessions never commit).
             sqlalchemy.exc.SQLAlchemyError: the commit failed (the error of the driver, as
                 ``session.commit()`` raises it).
         """
+        if self._read_only:
+            raise ReadOnlyError(self.name, "db.commit()")
         unit = _current.get()
         session = unit.sessions.get(self) if unit is not None else None
         if session is not None and session.in_transaction():
@@ -492,9 +644,14 @@ class Database:
         :meth:`session` call in the same scope opens a fresh one. Use it before a slow
         external call so that no connection is held while waiting. No-op without a session.
 
+        A read-only Database's session is always rolled back.
+
         Raises:
+            ReadOnlyError: ``commit=True`` on a read-only Database.
             CommitError: the commit failed; the session was rolled back and closed anyway.
         """
+        if commit and self._read_only:
+            raise ReadOnlyError(self.name, "db.close_session(commit=True)")
         unit = _current.get()
         session = unit.sessions.pop(self, None) if unit is not None else None
         if session is None:

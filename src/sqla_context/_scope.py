@@ -95,8 +95,10 @@ class _Unit:
         "failed",
         "locks",
         "on_session",
+        "routes",
         "sessions",
         "thread",
+        "wrote",
     )
 
     def __init__(
@@ -119,6 +121,10 @@ class _Unit:
         # first, then one per savepoint block still open (see savepoint_begun()). None
         # until the first callback or savepoint: most units have neither.
         self.callbacks: list[list[_Entry]] | None = None
+        # Read routing (sqla_context._replicas), created on first need: where each primary's
+        # read_session() goes in this scope, and the primaries this scope wrote to.
+        self.routes: dict[Database, Database] | None = None
+        self.wrote: set[Database] | None = None
         # Sessions and connections belong to the event loop they were made in, and a thread
         # runs one loop at a time: the unit serves the thread it was made in. (The thread,
         # not the loop: get_ident() costs a fraction of get_running_loop() on Python 3.11,
@@ -359,8 +365,12 @@ async def commit_session(db: Database, unit: _Unit | None, session: AsyncSession
     """Commit with the Database's and the scope's hooks around it (errors propagate as-is).
 
     Runs the scope's pending ``on_commit()`` callbacks afterwards if no session of the
-    scope has uncommitted work left; drops them if the COMMIT itself failed.
+    scope has uncommitted work left; drops them if the COMMIT itself failed. A read-only
+    Database never commits: its transaction is rolled back instead, without hooks.
     """
+    if db.read_only:
+        await session.rollback()
+        return
     discard: set[AsyncSession] = set()
     try:
         await _commit(db, session, unit.before_commit if unit else None, discard)
@@ -403,12 +413,13 @@ async def _commit_all(
     committed: list[str] = []
     hook_failure: Exception | None = None
     for index, (db, session) in enumerate(sessions):
-        if not session.in_transaction():
+        if not session.in_transaction() or db.read_only:  # read-only: rolled back below
             continue
         try:
             await _commit(db, session, unit.before_commit, discard)
         except Exception as exc:
             rest = [d.name for d, s in sessions[index + 1 :] if s.in_transaction()]
+            rest += [d.name for d, s in sessions[:index] if d.read_only and s.in_transaction()]
             raise CommitError(db.name, committed, [db.name, *rest], exc) from exc
         committed.append(db.name)
         try:

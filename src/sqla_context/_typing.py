@@ -28,3 +28,6 @@ CommitCallback: TypeAlias = "Callable[[], object]"
 BeforeSessionHook: TypeAlias = "Callable[[Database], Awaitable[None]]"
 #: ``engine_factory``: builds the engine when it is first needed.
 EngineFactory: TypeAlias = "Callable[[], AsyncEngine]"
+#: ``read_from_primary`` callback: sync, receives the primary Database; True sends the
+#: scope's reads to the primary (e.g. for a few seconds after this user's last write).
+ReadFromPrimaryHook: TypeAlias = "Callable[[Database], bool]"

@@ -11,6 +11,7 @@ builtin a caller may already catch::
     ├── EventLoopError (RuntimeError)         a scope or pool used from another event loop
     ├── TransactionAlreadyOpenError (RuntimeError)
     │                                         db.transaction(existing="raise") with one open
+    ├── ReadOnlyError (RuntimeError)          db.commit() on a Database(read_only=True)
     ├── CommitError                           a scope's commit failed; names what was committed
     ├── RetryError                            a retried unit failed on every attempt
     ├── UnsafeDatabaseError (RuntimeError)    sqla_context.testing refused a non-test database
@@ -34,6 +35,7 @@ __all__ = [
     "LeakError",
     "NestedScopeError",
     "NoScopeError",
+    "ReadOnlyError",
     "RetryError",
     "ScopeClosedError",
     "SqlaContextError",
@@ -154,6 +156,23 @@ class TransactionAlreadyOpenError(SqlaContextError, RuntimeError):
             "'commit', 'rollback' or 'join'."
         )
         self.db_name = db_name
+
+
+class ReadOnlyError(SqlaContextError, RuntimeError):
+    """An explicit commit was asked of a read-only Database.
+
+    Raised by ``db.commit()`` and ``db.close_session(commit=True)`` on a
+    ``Database(..., read_only=True)``, which never sends COMMIT: its sessions always end with
+    a rollback.
+    """
+
+    def __init__(self, db_name: str, call: str) -> None:
+        super().__init__(
+            f"{call} on the read-only database {db_name!r}: its sessions never commit (they "
+            "end with a rollback). Write through the primary: `await primary.session()`, "
+            "or leave read_only=False if this database should accept writes. "
+            "(docs: replicas)"
+        )
 
 
 class CommitError(SqlaContextError):

@@ -15,6 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqla_context import (
     CommitError,
     Database,
+    ReadOnlyError,
     Retry,
     RetryError,
     is_retryable,
@@ -143,3 +144,25 @@ async def callbacks() -> None:
         count: int = len(c)
         print(count, c.callbacks)
         await c.run()
+
+
+replica = Database("sqlite+aiosqlite:///replica.db", read_only=True)
+routed = Database(
+    "sqlite+aiosqlite:///app.db",
+    replicas=[replica],
+    read_from_primary=lambda db: db.scope_wrote(),
+    replica_retry=2.5,
+)
+replicas: tuple[Database, ...] = routed.replicas
+read_only: bool = replica.read_only
+
+
+@scope()
+async def routed_job() -> bool:
+    reader: AsyncSession = await routed.read_session()
+    await reader.execute(text("select 1"))
+    try:
+        await replica.commit()
+    except ReadOnlyError as exc:
+        raise RuntimeError(str(exc)) from exc
+    return routed.scope_wrote()
