@@ -1,6 +1,6 @@
 """The documentation's code runs, its output is what the page shows, and its links resolve.
 
-Rules for docs/*.md and README.md:
+Rules for docs/*.md, docs/migrating/*.md and README.md:
 
 - A fence tagged ``python`` is a complete program. It runs as a script in a fresh temporary
   directory (so ``sqlite+aiosqlite:///app.db`` is a new file), with warnings turned into errors,
@@ -32,7 +32,11 @@ import pytest
 import sqla_context
 
 ROOT = Path(__file__).resolve().parents[1]
-PAGES = [*sorted((ROOT / "docs").glob("*.md")), ROOT / "README.md"]
+PAGES = [
+    *sorted((ROOT / "docs").glob("*.md")),
+    *sorted((ROOT / "docs" / "migrating").glob("*.md")),
+    ROOT / "README.md",
+]
 EXPECTED_PAGES = {
     "index",
     "tutorial",
@@ -51,6 +55,12 @@ EXPECTED_PAGES = {
     "rules",
     "retries",
     "replicas",
+    "migrating/index",
+    "migrating/depends",
+    "migrating/context-async-sqlalchemy",
+    "migrating/fastapi-async-sqlalchemy",
+    "migrating/advanced-alchemy",
+    "migrating/flask-sqlalchemy",
 }
 LANGUAGES = {"python", "py", "text", "console"}
 #: Upper bound for one program; they take about a second each.
@@ -156,6 +166,12 @@ def run(program: Program, workdir: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
+def workdir_name(program: Program) -> str:
+    """docs/index.md and docs/migrating/index.md get different directories."""
+    page = program.page.relative_to(ROOT).with_suffix("").as_posix().replace("/", "-")
+    return f"{page}-{program.index}"
+
+
 @pytest.fixture(scope="session")
 def started(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
@@ -173,8 +189,7 @@ def started(
     base = tmp_path_factory.mktemp("docs")
     with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 1)) as pool:
         futures: dict[Program, Future[subprocess.CompletedProcess[str]]] = {
-            program: pool.submit(run, program, base / f"{program.page.stem}-{program.index}")
-            for program in selected
+            program: pool.submit(run, program, base / workdir_name(program)) for program in selected
         }
         yield futures
 
@@ -197,7 +212,8 @@ def test_program(
 
 
 def test_every_page_exists() -> None:
-    missing = EXPECTED_PAGES - {page.stem for page in PAGES}
+    found = {page.relative_to(ROOT / "docs").with_suffix("").as_posix() for page in PAGES[:-1]}
+    missing = EXPECTED_PAGES - found
     assert not missing, f"docs/ lacks {sorted(missing)}"
 
 
