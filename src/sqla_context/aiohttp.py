@@ -223,7 +223,7 @@ def session_middleware(
         if active is not None and active.is_current():  # its owner commits and closes
             return await handler(request)
 
-        unit = _Unit()
+        unit = _Unit(source=request)
         token = unit.enter()
         owned = _request_unit.set(unit)
         handed_off = False  # to a task that outlives a cancellation of this one
