@@ -47,6 +47,7 @@ EXPECTED_PAGES = {
     "faststream",
     "integrations",
     "callbacks",
+    "observability",
 }
 LANGUAGES = {"python", "py", "text", "console"}
 #: Upper bound for one program; they take about a second each.

@@ -107,3 +107,14 @@ async def callbacks() -> None:
         count: int = len(c)
         print(count, c.callbacks)
         await c.run()
+
+
+async def observability() -> None:
+    from sqla_context import otel
+
+    watched = Database("sqlite+aiosqlite://", hold_warning=0.5)
+    limit: float | None = watched.hold_warning
+    otel.instrument(watched)
+    otel.instrument()
+    otel.uninstrument()
+    del limit
