@@ -251,6 +251,7 @@ def session_middleware(
                 await unit.end(failed=True)
             _request_unit.reset(owned)
             unit.exit(token)
+            unit.source = None  # a context kept past the request must not hold the request
 
     return sqla_context_scope
 

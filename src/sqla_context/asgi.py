@@ -209,6 +209,7 @@ class SessionMiddleware:
             if watched is not None:
                 _request_unit.reset(watched)
             unit.exit(token)
+            unit.source = None  # a context kept past the request must not hold the scope
             request.server_receive = _receive_after_return
             request.server_send = _send_after_return
 
