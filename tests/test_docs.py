@@ -61,6 +61,7 @@ EXPECTED_PAGES = {
     "migrating/fastapi-async-sqlalchemy",
     "migrating/advanced-alchemy",
     "migrating/flask-sqlalchemy",
+    "observability",
 }
 LANGUAGES = {"python", "py", "text", "console"}
 #: Upper bound for one program; they take about a second each.

@@ -62,6 +62,12 @@ _Entry = tuple[CommitCallback, bool]
 # ContextVar, so that apps run in another thread (TestClient) are captured too.
 _captures: list[list[_Entry]] = []
 
+# Observation (sqla_context._observe): True while telemetry is instrumented; the DEBUG logs
+# of logger ``sqla_context.scope`` switch it on too. Checked once per Database a unit opens
+# a session for, never on the ``await db.session()`` path that finds the session.
+_observing = False
+_scope_log = logging.getLogger("sqla_context.scope")
+
 
 def check_choice(option: str, value: object, choices: object) -> None:
     """Raise ConfigurationError unless ``value`` is one of the Literal ``choices``."""
@@ -97,7 +103,9 @@ class _Unit:
         "on_session",
         "routes",
         "sessions",
+        "source",
         "thread",
+        "watch",
         "wrote",
     )
 
@@ -106,6 +114,7 @@ class _Unit:
         commit: CommitMode = "auto",
         before_commit: SessionHook | None = None,
         after_commit: SessionHook | None = None,
+        source: object = None,
     ) -> None:
         self.commit: CommitMode = commit
         self.before_commit = before_commit
@@ -130,12 +139,21 @@ class _Unit:
         # not the loop: get_ident() costs a fraction of get_running_loop() on Python 3.11,
         # and Database.session() checks it on every call; see benchmarks/README.md.)
         self.thread = get_ident()
+        # What the unit serves (an ASGI scope, a job's message, a function), named only
+        # when a log line or a span needs it (sqla_context._observe.unit_name).
+        self.source = source
+        # A sqla_context._observe.Watch once the unit opened a session while observed.
+        self.watch: Any = None
 
     def add(self, db: Database, session: AsyncSession) -> AsyncSession:
         """Hold ``session`` as this unit's session for ``db``; tell ``on_session``."""
         self.sessions[db] = session
         if self.on_session is not None:
             self.on_session()
+        if self.watch is not None or _observing or _scope_log.isEnabledFor(logging.DEBUG):
+            from ._observe import session_added
+
+            session_added(self, db)
         return session
 
     def enter(self) -> Token[_Unit | None]:
@@ -244,6 +262,8 @@ class _Unit:
         sessions = list(self.sessions.items())
         if not sessions:  # nothing was opened: no I/O
             self.closed = self.closed or close
+            if self.watch is not None:  # its sessions were closed early
+                self.watch.ended(self, commit=commit, failed=failed, close=close, error=None)
             if self.callbacks is not None:  # registered, but no database work to commit
                 if commit:
                     await self.committed()
@@ -252,17 +272,23 @@ class _Unit:
             return
         discard: set[AsyncSession] = set()  # sessions whose COMMIT failed or was cut short
         hook_failure: Exception | None = None
+        error: BaseException | None = None
         try:
             if commit:
                 hook_failure = await _commit_all(self, sessions, discard)
-        except BaseException:
+        except BaseException as exc:
+            error = exc
             self.drop_callbacks()  # not everything was committed
             raise
         finally:
             if close:
                 self.closed = True
                 self.sessions.clear()
-            await _release_all(sessions, close=close, discard=discard)
+            try:
+                await _release_all(sessions, close=close, discard=discard)
+            finally:
+                if self.watch is not None:  # after the release: the connections are back
+                    self.watch.ended(self, commit=commit, failed=failed, close=close, error=error)
         if self.callbacks is not None:
             if commit:
                 try:
@@ -724,6 +750,7 @@ class scope:  # noqa: N801 - reads as a function at the call site
         "_commit",
         "_nested",
         "_retry",
+        "_source",
         "_token",
         "_unit",
     )
@@ -748,6 +775,7 @@ class scope:  # noqa: N801 - reads as a function at the call site
         self._after_commit = after_commit
         self._unit: _Unit | None = None
         self._token: Token[_Unit | None] | None = None
+        self._source: object = None
 
     async def __aenter__(self) -> None:
         if self._unit is not None:
@@ -766,7 +794,7 @@ class scope:  # noqa: N801 - reads as a function at the call site
             if self._nested == "reuse":
                 self._unit = active
                 return
-        self._unit = _Unit(self._commit, self._before_commit, self._after_commit)
+        self._unit = _Unit(self._commit, self._before_commit, self._after_commit, self._source)
         self._token = self._unit.enter()
 
     async def __aexit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
@@ -791,7 +819,9 @@ class scope:  # noqa: N801 - reads as a function at the call site
 
         def open_unit() -> scope:
             commit, nested, before, after = options
-            return scope(commit=commit, nested=nested, before_commit=before, after_commit=after)
+            entered = scope(commit=commit, nested=nested, before_commit=before, after_commit=after)
+            entered._source = fn  # names the unit in logs and spans
+            return entered
 
         if policy is not None:
 
@@ -871,10 +901,14 @@ async def run_isolated(fn: Callable[..., Awaitable[R]], /, *args: Any, **kwargs:
     if "retry" in kwargs:
         policy = as_retry("retry", kwargs.pop("retry"))
         if policy is not None:
-            return await call_retrying(policy, _isolated_unit, fn, args, kwargs)
-    async with scope(nested="new"):
+            return await call_retrying(
+                policy, functools.partial(_isolated_unit, fn), fn, args, kwargs
+            )
+    async with _isolated_unit(fn):
         return await fn(*args, **kwargs)
 
 
-def _isolated_unit() -> scope:
-    return scope(nested="new")
+def _isolated_unit(fn: Callable[..., Any]) -> scope:
+    isolated = scope(nested="new")
+    isolated._source = fn  # names the unit in logs and spans
+    return isolated

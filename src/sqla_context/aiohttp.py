@@ -223,7 +223,7 @@ def session_middleware(
         if active is not None and active.is_current():  # its owner commits and closes
             return await handler(request)
 
-        unit = _Unit()
+        unit = _Unit(source=request)
         token = unit.enter()
         owned = _request_unit.set(unit)
         handed_off = False  # to a task that outlives a cancellation of this one
@@ -251,6 +251,7 @@ def session_middleware(
                 await unit.end(failed=True)
             _request_unit.reset(owned)
             unit.exit(token)
+            unit.source = None  # a context kept past the request must not hold the request
 
     return sqla_context_scope
 

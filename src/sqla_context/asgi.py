@@ -173,7 +173,7 @@ class SessionMiddleware:
         if active is not None and active.is_current():  # its owner commits and closes
             await self.app(scope, receive, send)
             return
-        unit = _Unit()
+        unit = _Unit(source=scope)
         request = _Request(unit, self.commit_on, scope, receive, send)
         if kind == "http":
             unit.on_session = request.session_opened
@@ -209,6 +209,7 @@ class SessionMiddleware:
             if watched is not None:
                 _request_unit.reset(watched)
             unit.exit(token)
+            unit.source = None  # a context kept past the request must not hold the scope
             request.server_receive = _receive_after_return
             request.server_send = _send_after_return
 
@@ -365,6 +366,8 @@ class _Request:
         task, self.task = self.task, None
         try:
             failed = self.disconnected or not self.commit_on(status)
+            if unit.watch is not None:
+                unit.watch.note_response(status, disconnected=self.disconnected)
             await unit.end(failed=failed, close=False)
         except Exception as exc:
             server_send = self.server_send

@@ -165,7 +165,7 @@ class SessionMiddleware(BaseMiddleware):
         if msg.source_type is SourceType.RESPONSE:  # a broker.request() reply, caller side
             return await call_next(msg)
         self._committed = False  # set by every commit in the scope, early ones included
-        unit = _Unit(after_commit=self._saw_commit)
+        unit = _Unit(after_commit=self._saw_commit, source=msg)
         token = unit.enter()  # this task runs the handler: call_next awaits it here
         try:
             try:

@@ -169,10 +169,10 @@ class _Execution:
         "unit",
     )
 
-    def __init__(self) -> None:
+    def __init__(self, message: TaskiqMessage) -> None:
         #: Set by the first commit in the scope (db.commit(), db.close_session(), ...).
         self.committed = False
-        self.unit = _Unit(after_commit=self._saw_commit)
+        self.unit = _Unit(after_commit=self._saw_commit, source=message)
         self.token = self.unit.enter()
         self.state_token: Token[_Execution | None] | None = None
         self.task: asyncio.Task[Any] | None = None
@@ -248,7 +248,7 @@ class SessionMiddleware(TaskiqMiddleware):
             label = message.labels.get(_ACK_LABEL)
             if label is None or _ack_name(label) in _MOVED_TO_WHEN_SAVED:
                 message.labels[_ACK_LABEL] = "when_saved"
-        execution = _Execution()
+        execution = _Execution(message)
         execution.state_token = _execution.set(execution)
         task = asyncio.current_task()
         if task is not None:

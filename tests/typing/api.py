@@ -166,3 +166,14 @@ async def routed_job() -> bool:
     except ReadOnlyError as exc:
         raise RuntimeError(str(exc)) from exc
     return routed.scope_wrote()
+
+
+async def observability() -> None:
+    from sqla_context import otel
+
+    watched = Database("sqlite+aiosqlite://", hold_warning=0.5)
+    limit: float | None = watched.hold_warning
+    otel.instrument(watched)
+    otel.instrument()
+    otel.uninstrument()
+    del limit
