@@ -30,7 +30,13 @@ VENV = ROOT / ".venv"
 BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
 PY = BIN / ("python.exe" if os.name == "nt" else "python")
 
-EXTRAS = {"demo": "demo", "test": "test", "lint": "test,lint", "bench": "test,bench", "docs": "docs"}
+EXTRAS = {
+    "demo": "demo",
+    "test": "test",
+    "lint": "test,lint",
+    "bench": "test,bench",
+    "docs": "docs",
+}
 PEERS_VENV = ROOT / ".venv-peers"
 PEERS_REQUIREMENTS = ROOT / "benchmarks" / "peers" / "requirements.txt"
 

@@ -15,7 +15,6 @@ The table (``BENCH_TABLE``, default ``bench_cg``) is created and filled if missi
 
 from __future__ import annotations
 
-import asyncio
 import os
 import sys
 from pathlib import Path
@@ -23,10 +22,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("BENCH_TABLE", "bench_cg")
 
-from sqlalchemy import text  # noqa: E402
-
-from benchmarks.peers import inprocess  # noqa: E402
-from benchmarks.peers.apps import _common  # noqa: E402
+from benchmarks.peers import inprocess
+from benchmarks.peers.apps import _common
+from sqlalchemy import text
 
 
 async def _prepare() -> None:

@@ -8,6 +8,7 @@ No test synchronises by sleeping: tasks signal events, and every wait is bounded
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 import threading
 from typing import Any
@@ -361,3 +362,124 @@ async def test_sqlite_cancel_mid_statement_leaves_no_lock_behind(
         await insert(await db.session(), "written-after")
     await assert_clean(sqlite, db, ["kept", "written-after"])
     assert task.cancelled()  # still referenced: the fix must not depend on collecting it
+
+
+# -- a cancellation swallowed on the way (asyncmy can lose one mid-statement) ----------------
+
+
+async def test_swallowed_cancellation_rolls_back_and_is_raised_at_scope_exit(
+    backend: Backend,
+) -> None:
+    """Code that catches CancelledError and goes on must not get its scope committed."""
+    db = backend.database()
+
+    async def job() -> None:
+        async with scope():
+            await insert(await db.session(), "before")
+            asyncio.current_task().cancel()  # type: ignore[union-attr]
+            # Swallowed, without uncancel(): the cancellation is still requested.
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.sleep(1)
+            await insert(await db.session(), "after")
+
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.create_task(job())
+    assert await backend.names() == []
+    assert db.engine.pool.checkedout() == 0
+    assert await backend.open_transactions() == 0
+
+
+@pytest.mark.parametrize("call", ["commit", "close_session"])
+async def test_swallowed_cancellation_refuses_an_early_commit(backend: Backend, call: str) -> None:
+    db = backend.database()
+    reached: list[str] = []
+
+    async def job() -> None:
+        async with scope():
+            await insert(await db.session(), "row")
+            asyncio.current_task().cancel()  # type: ignore[union-attr]
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.sleep(1)
+            await getattr(db, call)()
+            reached.append(call)
+
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.create_task(job())
+    assert reached == []
+    assert await backend.names() == []
+    assert db.engine.pool.checkedout() == 0
+    assert await backend.open_transactions() == 0
+
+
+async def test_cancellation_undone_with_uncancel_still_commits(backend: Backend) -> None:
+    """asyncio.timeout() and TaskGroups undo their cancellations: not a lost one."""
+    db = backend.database()
+
+    async def job() -> None:
+        async with scope():
+            await insert(await db.session(), "kept")
+            try:
+                async with asyncio.timeout(0.01):
+                    await asyncio.sleep(1)
+            except TimeoutError:
+                pass
+
+    await asyncio.create_task(job())
+    assert await backend.names() == ["kept"]
+
+
+async def test_clean_up_scope_after_a_cancellation_commits(backend: Backend) -> None:
+    """A scope opened in ``except CancelledError:`` (record the cancellation) commits."""
+    db = backend.database()
+    started = asyncio.Event()
+
+    async def job() -> None:
+        try:
+            started.set()
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            async with scope():
+                await insert(await db.session(), "cancelled")
+            raise
+
+    task = asyncio.create_task(job())
+    await started.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert await backend.names() == ["cancelled"]
+    assert db.engine.pool.checkedout() == 0
+
+
+async def test_no_cancelled_scope_commits_whatever_the_driver_does(backend: Backend) -> None:
+    """Cancel a scope after 0..11 loop turns of its first INSERT: committed only if the
+    cancellation came once the COMMIT had begun (then its outcome is the server's).
+
+    Found by tests/test_stateful.py on MariaDB: asyncmy (also under plain SQLAlchemy) can
+    return normally from a statement that a cancellation interrupted, at some turns; the
+    scope went on and committed a cancelled unit's work.
+    """
+    db = backend.database()
+    commit_began: set[str] = set()  # COMMIT sent with no cancellation requested yet
+    for turns in range(12):
+        name = f"row{turns:02d}"
+
+        async def began(session: Any, name: str = name) -> None:
+            if not asyncio.current_task().cancelling():  # type: ignore[union-attr]
+                commit_began.add(name)
+
+        async def job(name: str = name, began: Any = began) -> None:
+            async with scope(before_commit=began):
+                await insert(await db.session(), name)
+
+        task = asyncio.create_task(job())
+        for _ in range(turns):
+            await asyncio.sleep(0)
+        cancelled = task.cancel()
+        outcome = await asyncio.gather(task, return_exceptions=True)
+        if cancelled:
+            assert isinstance(outcome[0], asyncio.CancelledError), (turns, outcome)
+    committed = set(await backend.names())
+    assert committed <= commit_began, f"cancelled before their COMMIT: {committed - commit_began}"
+    assert db.engine.pool.checkedout() == 0
+    assert await backend.open_transactions() == 0

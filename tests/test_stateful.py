@@ -174,6 +174,14 @@ class Driver:
                 command.reply.set_result(exc)
             else:
                 command.reply.set_result(result)
+            if asyncio.current_task().cancelling():  # type: ignore[union-attr]
+                # The statement swallowed the cancellation (asyncmy can return normally
+                # from a statement a cancellation interrupted). An app would go on to its
+                # end: at the top level, do that, and the scope must roll back and raise
+                # CancelledError; inside a block, stand for the driver and raise it.
+                if depth == 0:
+                    return
+                raise asyncio.CancelledError
 
     async def _block(self, command: Command, depth: int) -> None:
         (mode,) = command.args

@@ -648,6 +648,9 @@ class Database:
         unit = _current.get()
         session = unit.sessions.get(self) if unit is not None else None
         if session is not None and session.in_transaction():
+            assert unit is not None
+            if unit.cancel_lost():  # see _Unit.cancel_lost(): the scope's end rolls back
+                raise asyncio.CancelledError("cancelled (the cancellation had been swallowed)")
             await commit_session(self, unit, session)
 
     async def rollback(self) -> None:
@@ -684,6 +687,8 @@ class Database:
         assert unit is not None
         if commit is None:
             commit = unit.commit != "never"
+        lost = commit and unit.cancel_lost()  # see _Unit.cancel_lost(): roll back instead
+        commit = commit and not lost
         ending = _Unit("always" if commit else "never", unit.before_commit, unit.after_commit)
         ending.sessions[self] = session
         if not commit and session.in_transaction():
@@ -697,6 +702,8 @@ class Database:
             raise
         if unit.watch is not None:
             unit.watch.closed_early(self, commit=commit, error=None)
+        if lost:
+            raise asyncio.CancelledError("cancelled (the cancellation had been swallowed)")
         if commit and unit.callbacks is not None and not unit.in_transaction():
             await unit.committed()
 

@@ -94,6 +94,7 @@ class _Unit:
 
     __slots__ = (
         "after_commit",
+        "baseline",
         "before_commit",
         "callbacks",
         "closed",
@@ -124,6 +125,9 @@ class _Unit:
         self.locks: dict[Database, asyncio.Lock] | None = None
         # Called once a session is added (an integration that watches units with sessions).
         self.on_session: Callable[[], None] | None = None
+        # The task that opened the first session, and how many cancellations of it were
+        # pending then (see cancel_lost()).
+        self.baseline: tuple[asyncio.Task[Any], int] | None = None
         self.closed = False
         self.failed = False
         # on_commit() callbacks waiting for the commit: a list of frames, the scope's own
@@ -148,6 +152,8 @@ class _Unit:
     def add(self, db: Database, session: AsyncSession) -> AsyncSession:
         """Hold ``session`` as this unit's session for ``db``; tell ``on_session``."""
         self.sessions[db] = session
+        if self.baseline is None and (task := asyncio.current_task()) is not None:
+            self.baseline = (task, task.cancelling())
         if self.on_session is not None:
             self.on_session()
         if self.watch is not None or _observing or _scope_log.isEnabledFor(logging.DEBUG):
@@ -155,6 +161,21 @@ class _Unit:
 
             session_added(self, db)
         return session
+
+    def cancel_lost(self) -> bool:
+        """Whether the task is ending this unit normally although it was cancelled meanwhile.
+
+        A cancellation requested after the unit's first session and never undone
+        (``Task.uncancel()``, as ``asyncio.timeout()`` and TaskGroups do) means the
+        ``CancelledError`` was swallowed on the way: measured with asyncmy, which can
+        return normally from a statement that a cancellation interrupted. The unit must
+        then not commit. (A scope opened after the cancellation, e.g. clean-up code in an
+        ``except CancelledError:`` block, is measured from its own start.)
+        """
+        if self.baseline is None:
+            return False
+        task, pending = self.baseline
+        return asyncio.current_task() is task and task.cancelling() > pending
 
     def enter(self) -> Token[_Unit | None]:
         """Make this unit the current scope of the running context."""
@@ -259,6 +280,13 @@ class _Unit:
         commit = self.commit == "always" or (
             self.commit == "auto" and not failed and not self.failed
         )
+        lost = commit and self.commit == "auto" and self.cancel_lost()
+        if lost:
+            _log.warning(
+                "the task was cancelled but the cancellation did not reach the scope's end"
+                " (swallowed, e.g. by a database driver): rolling back instead of committing"
+            )
+            commit = False
         sessions = list(self.sessions.items())
         if not sessions:  # nothing was opened: no I/O
             self.closed = self.closed or close
@@ -299,6 +327,8 @@ class _Unit:
                     _log.error("on_commit callback failed", exc_info=True)
             else:
                 self.callbacks = None
+        if lost:
+            raise asyncio.CancelledError("cancelled (the cancellation had been swallowed)")
         if hook_failure is not None:
             raise hook_failure
 
@@ -591,7 +621,7 @@ async def _statements_done(session: AsyncSession) -> list[Any]:
         if mutex is not None and mutex.locked():
             try:
                 await asyncio.wait_for(mutex.acquire(), _FINISH_TIMEOUT)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 _log.error(
                     "a statement on a scope's session ran %ss past the scope's end; "
                     "discarding its connection",

@@ -399,9 +399,7 @@ def _has_no_body(scope: Scope) -> bool:
 
 def _uncancel(task: asyncio.Task[Any] | None) -> int:
     """Undo one ``task.cancel()``; the number of cancellations still pending."""
-    if task is None or not hasattr(task, "uncancel"):  # Python 3.10 counts none
-        return 0
-    return task.uncancel()  # type: ignore[no-any-return]
+    return 0 if task is None else task.uncancel()
 
 
 def _watch_other_tasks(app: Any) -> bool:
