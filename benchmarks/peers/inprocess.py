@@ -39,8 +39,22 @@ def _scope(path: str) -> dict[str, Any]:
     }  # fmt: skip
 
 
-async def _receive() -> dict[str, Any]:
-    return {"type": "http.request", "body": b"", "more_body": False}
+class _Receive:
+    """A server's ``receive`` for a GET: the (empty) body, then nothing until the client goes.
+
+    As uvicorn does: after the body, ``receive()`` waits for a disconnect (here: forever,
+    until the waiting task is cancelled).
+    """
+
+    def __init__(self) -> None:
+        self.body_sent = False
+
+    async def __call__(self) -> dict[str, Any]:
+        if not self.body_sent:
+            self.body_sent = True
+            return {"type": "http.request", "body": b"", "more_body": False}
+        await asyncio.get_running_loop().create_future()
+        raise AssertionError("unreachable")
 
 
 async def _requests(app: Any, path: str, loops: int) -> float:
@@ -53,7 +67,7 @@ async def _requests(app: Any, path: str, loops: int) -> float:
     scope = _scope(path)
     started = time.thread_time()
     for _ in range(loops):
-        await asyncio.create_task(app(dict(scope), _receive, send))
+        await asyncio.create_task(app(dict(scope), _Receive(), send))
     elapsed = time.thread_time() - started
     if set(statuses) != {200}:
         raise RuntimeError(f"{path}: statuses {set(statuses)}")

@@ -157,8 +157,6 @@ async def test_get_without_reading_receive_rolls_back(backend: Backend) -> None:
         server.scope, server.receive, server.send))  # fmt: skip
     await reached.wait()
     server.hang_up()
-    while server.messages.qsize():  # noqa: ASYNC110 - the middleware's listener takes it
-        await asyncio.sleep(0)
     release.set()
     await call
     assert await backend.names() == []
@@ -186,8 +184,6 @@ async def test_body_is_read_before_listening(backend: Backend) -> None:
         server.scope, server.receive, server.send))  # fmt: skip
     await reached.wait()
     server.hang_up()
-    while server.messages.qsize():  # noqa: ASYNC110 - the middleware's listener takes it
-        await asyncio.sleep(0)
     release.set()
     await call
     assert bodies == [b"data"]
@@ -315,6 +311,23 @@ async def test_hangup_during_the_commit_does_not_cancel_it(backend: Backend) -> 
     assert await backend.names() == ["committed"]
     assert [m["type"] for m in server.sent] == ["http.response.start", "http.response.body"]
     assert db.engine.pool.checkedout() == 0
+
+
+async def test_default_mode_starts_no_task(sqlite: Backend) -> None:
+    """on_disconnect="rollback": the hang-up is taken at the response start, without a task."""
+    db = sqlite.database()
+    server = Server()
+    counts: list[int] = []
+
+    async def handler(receive: Any) -> None:
+        before = len(asyncio.all_tasks())
+        await insert(await db.session(), "kept")
+        counts.append(len(asyncio.all_tasks()) - before)
+
+    await SessionMiddleware(asgi_app(handler))(server.scope, server.receive, server.send)
+    assert counts == [0]
+    assert server.receive_calls == 1  # looked once, at the response start; nothing was there
+    assert await sqlite.names() == ["kept"]
 
 
 async def test_no_listener_task_for_a_request_without_a_session(sqlite: Backend) -> None:
