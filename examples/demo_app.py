@@ -11,6 +11,7 @@ Every request runs in a scope (SessionMiddleware): handlers and helpers call
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -24,13 +25,14 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from sqla_context import Database, run_isolated
+from sqla_context import Database, on_commit, run_isolated
 from sqla_context.asgi import SessionMiddleware
 
 DATABASE_URL = os.environ.get("DATABASE_URL", "sqlite+aiosqlite:///demo.db")
-db = Database(DATABASE_URL, name="primary")
-# A read replica; the same database unless REPLICA_URL says otherwise.
-replica = Database(os.environ.get("REPLICA_URL", DATABASE_URL), name="replica")
+# A read-only replica (the same database unless REPLICA_URL says otherwise): writes through it
+# fail, and its sessions never commit. db.read_session() reads from it until the request writes.
+replica = Database(os.environ.get("REPLICA_URL", DATABASE_URL), name="replica", read_only=True)
+db = Database(DATABASE_URL, name="primary", replicas=[replica])
 
 
 class Base(DeclarativeBase):
@@ -86,6 +88,14 @@ async def get_user(user_id: int) -> User:
     return user
 
 
+OUTBOX: list[str] = []  # what a mail server would have received
+
+
+async def send_welcome_mail(name: str) -> None:
+    """A side effect: run by on_commit() only once the new user is committed."""
+    OUTBOX.append(f"welcome, {name}")
+
+
 async def payment_provider_price(item: str) -> int:
     await asyncio.sleep(0.2)  # a slow external call
     return 100 * len(item)
@@ -101,8 +111,8 @@ async def count(database: Database, model: type[Base]) -> int:
 
 @app.get("/users")
 async def list_users() -> list[dict[str, object]]:
-    """Reads go to the replica: its own session in the same scope."""
-    rows = await (await replica.session()).scalars(select(User).order_by(User.id))
+    """Reads go to the read-only replica (until the request writes: then to the primary)."""
+    rows = await (await db.read_session()).scalars(select(User).order_by(User.id))
     return [{"id": u.id, "name": u.name} for u in rows]
 
 
@@ -125,6 +135,7 @@ async def create_user(body: NewUser) -> JSONResponse:
         await session.flush()
     except IntegrityError:
         return JSONResponse({"detail": f"{body.name!r} exists"}, status_code=409)  # rolled back
+    on_commit(functools.partial(send_welcome_mail, body.name))  # sent once committed
     return JSONResponse({"name": body.name}, status_code=201)
 
 
@@ -183,6 +194,12 @@ async def audit(order_id: int) -> dict[str, object]:
         order.status = f"{order.status}+audited"
     await db.commit()  # a no-op here: nothing is open any more
     return {"id": order_id, "status": order.status}
+
+
+@app.get("/outbox")
+async def outbox() -> list[str]:
+    """The welcome mails sent so far: only for users whose creation was committed."""
+    return OUTBOX
 
 
 @app.get("/stats")

@@ -10,6 +10,9 @@ from types import ModuleType
 import httpx
 import pytest
 from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
+
+from sqla_context import scope
 
 from .conftest import Backend
 
@@ -47,6 +50,8 @@ async def test_demo_shop(backend: Backend, monkeypatch: pytest.MonkeyPatch) -> N
             ]
             assert (await c.post("/users", json={"name": "linus"})).status_code == 201
             assert (await c.post("/users", json={"name": "linus"})).status_code == 409
+            # on_commit(): a mail for the committed user only, not for the rolled-back 409
+            assert (await c.get("/outbox")).json() == ["welcome, linus"]
             order = (await c.post("/orders", json={"user_id": 1, "item": "book"})).json()
             assert order == {"id": 1, "item": "book", "price": 400, "status": "paid"}
             assert (await c.post("/orders", json={"user_id": 99, "item": "x"})).status_code == 404
@@ -67,6 +72,11 @@ async def test_demo_shop(backend: Backend, monkeypatch: pytest.MonkeyPatch) -> N
             orders = await conn.execute(text("SELECT status, price FROM demo_orders"))
             assert orders.all() == [("paid+audited", 400)], "the refund was rolled back"
         assert demo.db.engine.pool.checkedout() == 0
+        assert demo.replica.read_only
+        async with scope():  # the demo's replica refuses writes
+            replica_session = await demo.replica.session()
+            with pytest.raises(DBAPIError):
+                await replica_session.execute(text("DELETE FROM demo_orders"))
     assert demo.db._engine is None, "the lifespan disposed the engines"
 
 
