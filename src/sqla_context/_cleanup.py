@@ -1,4 +1,4 @@
-"""Commit mode of :func:`sqla_context.testing.isolated`: record the tables written, empty them.
+"""Commit mode of ``sqla_context.testing.isolated()``: record the tables written, empty them.
 
 A table is recorded with its schema, from the statement object SQLAlchemy compiled (Core and
 ORM ``insert()``/``update()``/``delete()``, after ``schema_translate_map``); only raw SQL

@@ -99,7 +99,7 @@ class Database:
     builds the engine from ``url`` at once (an engine connects only on first use), so that
     an unknown driver, a driver package that is not installed or a misspelt
     ``engine_options`` key fails here, not at the first request. The engine and its pool
-    live until :meth:`dispose`; an ``engine_factory`` is called the first time the engine
+    live until ``dispose()``; an ``engine_factory`` is called the first time the engine
     is needed, exactly once even when many tasks or threads ask at the same moment.
 
     A Database serves one event loop at a time. Used from a new loop after the old one
@@ -111,7 +111,7 @@ class Database:
         engine_factory: a zero-argument callable returning an ``AsyncEngine``, for engines
             that need more than a URL and options.
         engine_options: keyword arguments for ``create_async_engine`` (``pool_size``,
-            ``echo``, ...). With ``engine_factory`` they are used only by :meth:`switch_url`.
+            ``echo``, ...). With ``engine_factory`` they are used only by ``switch_url()``.
         session_options: keyword arguments for ``async_sessionmaker``. The default is
             ``expire_on_commit=False``: after a commit, SQLAlchemy would otherwise expire every
             loaded object, and the next attribute access would need an implicit refresh,
@@ -121,11 +121,11 @@ class Database:
             get SQLAlchemy's default back.
         name: a label for logs and errors; defaults to the URL with the password hidden.
         before_session: ``async def hook(db)`` awaited before each scope session (and each
-            :meth:`new_session`) is created. It may call :meth:`switch_url`, e.g. after asking
+            ``new_session()``) is created. It may call ``switch_url()``, e.g. after asking
             a discovery service which host is the primary.
         before_commit: called with the session before each commit this library performs
-            for this database (scope exit, :meth:`commit`, :meth:`close_session`,
-            :meth:`transaction`). Sync or async. An exception aborts the commit.
+            for this database (scope exit, ``commit()``, ``close_session()``,
+            ``transaction()``). Sync or async. An exception aborts the commit.
         after_commit: called with the session after each such commit.
         sqlite_begin: SQLite only, for engines built from ``url``. Python's sqlite3 driver
             (and aiosqlite on top of it) sends ``BEGIN`` only before the first write, so reads
@@ -140,14 +140,14 @@ class Database:
             CHARACTERISTICS AS TRANSACTION READ ONLY``; MySQL/MariaDB: ``SET SESSION
             TRANSACTION READ ONLY``; SQLite: ``PRAGMA query_only``, sent once per new
             connection), so a write (also an autoflush) raises the driver's error. Its
-            sessions never commit: scope exit, :meth:`close_session` and transaction blocks
-            end them with a rollback, without the commit hooks; :meth:`commit` and
-            ``close_session(commit=True)`` raise :class:`~sqla_context.ReadOnlyError`.
+            sessions never commit: scope exit, ``close_session()`` and transaction blocks
+            end them with a rollback, without the commit hooks; ``commit()`` and
+            ``close_session(commit=True)`` raise ``ReadOnlyError``.
             For replicas, and for code that must not write. See docs/replicas.md.
         replicas: read-only ``Database`` objects (``read_only=True``) that serve
-            :meth:`read_session` until the scope writes to this database.
+            ``read_session()`` until the scope writes to this database.
         read_from_primary: ``hook(db) -> bool``, sync, called on a scope's first
-            :meth:`read_session`; ``True`` sends that scope's reads to this (primary)
+            ``read_session()``; ``True`` sends that scope's reads to this (primary)
             database, e.g. for a few seconds after the user's last write. Needs ``replicas``.
         replica_retry: seconds during which a replica that could not be reached is skipped
             (its reads go to the primary) before it is tried again. Default 5.
@@ -347,14 +347,14 @@ class Database:
 
     @property
     def replicas(self) -> tuple[Database, ...]:
-        """The read-only Databases :meth:`read_session` may choose from (``replicas=``)."""
+        """The read-only Databases ``read_session()`` may choose from (``replicas=``)."""
         return self._replicas
 
     # -- engine lifecycle ------------------------------------------------------------------
 
     @property
     def engine(self) -> AsyncEngine:
-        """The current ``AsyncEngine``, created on first access (also after :meth:`dispose`).
+        """The current ``AsyncEngine``, created on first access (also after ``dispose()``).
 
         Raises:
             EventLoopError: the engine's connections belong to an event loop that is still
@@ -467,7 +467,7 @@ class Database:
         Safe to call twice. Using the Database afterwards creates a fresh engine. An engine
         that scope sessions still use (requests still running) is disposed when the last
         of them closes; connections of sessions you made yourself from
-        :attr:`sessionmaker` and never closed are not closed by it.
+        ``sessionmaker`` and never closed are not closed by it.
         """
         with self._lock:
             engines = [e for e in (self._engine, *self._retired) if e is not None]
@@ -534,10 +534,10 @@ class Database:
         checks out a connection and begins the transaction. When the scope already holds
         the session, this takes no lock and does no I/O.
 
-        .. warning::
+        Warning:
             One ``AsyncSession`` must not run two queries at the same time. Do not
             ``asyncio.gather()`` coroutines that use the scope's session; give each its
-            own with :func:`~sqla_context.run_isolated` or :meth:`new_session`.
+            own with ``run_isolated()`` or ``new_session()``.
 
         Raises:
             NoScopeError: no scope is active (add the middleware or use ``scope()``).
@@ -580,7 +580,7 @@ class Database:
     async def read_session(self) -> AsyncSession:
         """Return the scope's session for reading: a replica's, or the primary's after a write.
 
-        Without ``replicas`` this is :meth:`session`. With them, the scope's first call
+        Without ``replicas`` this is ``session()``. With them, the scope's first call
         chooses where its reads go, and later calls keep that choice:
 
         - the primary (``await db.session()``, the same session the scope writes with) if
@@ -600,8 +600,6 @@ class Database:
         Raises:
             NoScopeError: no scope is active.
             ScopeClosedError: the scope this code runs in has already ended.
-
-        .. versionadded:: 0.1.0
         """
         if not self._replicas:
             return await self.session()
@@ -613,14 +611,12 @@ class Database:
         Use it to carry read-your-writes past the scope, e.g. set a short-lived cookie that
         your ``read_from_primary`` hook reads in the user's next requests. Counts statements
         sent through this Database's engine from inside the scope (its session,
-        :meth:`new_session`, ``db.engine``), also if they were rolled back later.
+        ``new_session()``, ``db.engine``), also if they were rolled back later.
 
         Raises:
             NoScopeError: no scope is active.
             ConfigurationError: this Database has no ``replicas`` (writes are tracked only
                 for a primary).
-
-        .. versionadded:: 0.1.0
         """
         if not self._replicas:
             raise ConfigurationError(
@@ -669,7 +665,7 @@ class Database:
         Ends the session as a successful scope exit would: commit under the scope's
         ``commit="auto"``/``"always"``, roll back under ``"never"``; ``commit=True``/``False``
         overrides that. Then closes the session and removes it from the scope: a later
-        :meth:`session` call in the same scope opens a fresh one. Use it before a slow
+        ``session()`` call in the same scope opens a fresh one. Use it before a slow
         external call so that no connection is held while waiting. No-op without a session.
 
         A read-only Database's session is always rolled back.
@@ -727,7 +723,7 @@ class Database:
         - ``"rollback"``: roll the open transaction back first, then run a new one.
         - ``"join"``: run in the open transaction and commit it at the end of the block
           (roll it back if the block raises).
-        - ``"raise"``: raise :class:`~sqla_context.exceptions.TransactionAlreadyOpenError`
+        - ``"raise"``: raise ``TransactionAlreadyOpenError``
           and leave the open transaction untouched.
 
         Raises:

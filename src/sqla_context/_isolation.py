@@ -1,18 +1,18 @@
-"""How :func:`sqla_context.testing.isolated` works: rollback layers and commit-mode cleanup.
+"""How ``sqla_context.testing.isolated()`` works: rollback layers and commit-mode cleanup.
 
 Rollback mode
     Databases of one ``isolated()`` call that point at the same database (a "replica" set up
     on the primary's URL) share one connection and its outer transaction, so each sees the
-    others' writes. ``db._bound_maker`` becomes an :class:`_IsolatedSessionmaker`, which
+    others' writes. ``db._bound_maker`` becomes an ``_IsolatedSessionmaker``, which
     binds each new session to the isolation connection *of the event loop it is made in*:
-    the pytest fixture (test loop) and :func:`isolated_in` (a ``TestClient``'s loop) each
+    the pytest fixture (test loop) and ``isolated_in()`` (a ``TestClient``'s loop) each
     hold a layer of their own and compose.
 
 Lock waits
     Everything the test writes stays uncommitted on the isolation connection, so another
     connection that waits for those rows waits for the end of the test, which never comes.
     While a block is active, each transaction begun on the databases' engines gets a lock
-    timeout, and a lock-timeout error is replaced by :class:`IsolationError`, which says why.
+    timeout, and a lock-timeout error is replaced by ``IsolationError``, which says why.
 
 Leaks
     Pool checkouts during the block are counted (works with every pool class), and sessions
@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     from ._database import Database
 
 IsolationMode = Literal["rollback", "commit"]
-"""The modes of :func:`isolated`: ``"rollback"`` (nothing outlives the block) or ``"commit"``."""
+"""The modes of ``isolated()``: ``"rollback"`` (nothing outlives the block) or ``"commit"``."""
 
 
 class IsolationError(SqlaContextError, RuntimeError):

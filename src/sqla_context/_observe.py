@@ -1,9 +1,9 @@
 """Watching units of work and their connections: DEBUG logs, held connections, telemetry.
 
-Nothing here runs unless asked for. A unit gets a :class:`Watch` when it opens its first
-session while telemetry is instrumented (:mod:`sqla_context.otel`) or logger
+Nothing here runs unless asked for. A unit gets a ``Watch`` when it opens its first
+session while telemetry is instrumented (``sqla_context.otel``) or logger
 ``sqla_context.scope`` is enabled for DEBUG; a unit that opens no session is never watched.
-An engine gets a :class:`_Tracker` (pool and cursor listeners) only when its Database has
+An engine gets a ``_Tracker`` (pool and cursor listeners) only when its Database has
 ``hold_warning`` set or telemetry is instrumented for it.
 
 Loggers:
@@ -40,12 +40,12 @@ if TYPE_CHECKING:
 
 _held_log = logging.getLogger("sqla_context.held")
 
-#: The key of a checked-out connection's :class:`_Hold` in its pool record's ``info``.
+#: The key of a checked-out connection's ``_Hold`` in its pool record's ``info``.
 _HOLD = "sqla_context.hold"
 
 
 class Telemetry(Protocol):
-    """What :mod:`sqla_context.otel` does when told of units and connections."""
+    """What ``sqla_context.otel`` does when told of units and connections."""
 
     def unit_started(self, watch: Watch, db: Database) -> None: ...
 
@@ -386,7 +386,7 @@ def track(db: Database, engine: AsyncEngine) -> None:
 
 
 def untrack(engine: AsyncEngine) -> None:
-    """Remove what :func:`track` installed on ``engine``."""
+    """Remove what ``track()`` installed on ``engine``."""
     tracker = _trackers.pop(engine, None)
     if tracker is None:
         return

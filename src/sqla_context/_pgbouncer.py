@@ -62,8 +62,6 @@ def pgbouncer_options(url_or_driver: str | URL, /, **engine_options: Any) -> dic
     Raises:
         ConfigurationError: the URL cannot be parsed, is not a PostgreSQL URL, or names a
             driver other than asyncpg or psycopg; ``connect_args`` is not a mapping.
-
-    .. versionadded:: 0.1.0
     """
     driver = _driver(url_or_driver)
     extra = engine_options.get("connect_args", {})

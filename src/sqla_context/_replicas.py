@@ -117,7 +117,7 @@ def track_writes(db: Database, engine: AsyncEngine) -> None:
 
 
 async def read_session(db: Database) -> AsyncSession:
-    """The session ``db.read_session()`` returns; see :meth:`Database.read_session`."""
+    """The session ``db.read_session()`` returns; see ``Database.read_session()``."""
     unit = _current.get()
     if unit is None:
         raise NoScopeError(db.name)

@@ -2,7 +2,7 @@
 
 A unit that lost a conflict with a concurrent transaction (SQLSTATE 40001 / 40P01 on
 PostgreSQL, error 1213 on MySQL and MariaDB) did nothing wrong: the documented remedy is to
-run the whole transaction again. :func:`call_retrying` does that for ``@scope(retry=...)``
+run the whole transaction again. ``call_retrying()`` does that for ``@scope(retry=...)``
 and ``run_isolated(fn, retry=...)``: each attempt runs in a fresh unit, the failed one is
 ended by the usual lifecycle (``_Unit.end(failed=True)``: rolled back, closed), then it
 waits a jittered, exponentially growing delay and tries again, a bounded number of times.
@@ -48,7 +48,7 @@ class Retry:
 
     Pass it (or just a number of attempts) as ``retry=`` to ``@scope()`` or
     ``run_isolated()``. A retried unit is run again from the start in a fresh scope (new
-    sessions, new transactions) when it fails with an error :func:`is_retryable` accepts,
+    sessions, new transactions) when it fails with an error ``is_retryable()`` accepts,
     or one ``on`` accepts. Before each new attempt it waits: with ``jitter`` (default) a
     random delay between 0 and ``min(max_backoff, backoff * 2 ** (n - 1))`` after the n-th
     failed attempt ("full jitter", which spreads competing retries apart best), without it
@@ -63,7 +63,7 @@ class Retry:
             PostgreSQL SQLSTATE 55P03). Off by default: a lock held that long is more often
             a stuck transaction than a transient conflict.
         on: ``on(exc) -> bool``; an error it accepts is retried too (added to
-            :func:`is_retryable`, which still applies).
+            ``is_retryable()``, which still applies).
         on_retry: ``on_retry(attempt, exc, delay)`` is called (and awaited if it returns an
             awaitable) after attempt number ``attempt`` failed with ``exc`` and before
             waiting ``delay`` seconds for the next one: for metrics or tracing. An
@@ -71,8 +71,6 @@ class Retry:
 
     Raises:
         ConfigurationError: an argument is out of range or of the wrong type.
-
-    .. versionadded:: 0.2
     """
 
     attempts: int = 5
@@ -144,7 +142,7 @@ def is_retryable(exc: BaseException, *, lock_timeouts: bool = False) -> bool:
     """True if ``exc`` says the transaction lost a conflict and running it again may succeed.
 
     Recognises, wherever the error surfaced (a statement, an autoflush, the COMMIT wrapped in
-    :class:`~sqla_context.CommitError`), by following ``orig`` and ``__cause__``:
+    ``CommitError``), by following ``orig`` and ``__cause__``:
 
     - PostgreSQL (asyncpg, psycopg): SQLSTATE ``40001`` (serialization failure) and
       ``40P01`` (deadlock detected); with ``lock_timeouts``, ``55P03`` (lock not available);
@@ -260,7 +258,7 @@ class _RetryTesting:
 
 
 def set_retry_testing(testing: bool, *, attempts: int | None = 1) -> _RetryTesting:
-    """Switch retry testing mode on or off; see :func:`sqla_context.testing.set_retry_testing`."""
+    """Switch retry testing mode on or off; see ``sqla_context.testing.set_retry_testing()``."""
     global _testing
     if attempts is not None and (type(attempts) is not int or attempts < 1):
         raise ConfigurationError(

@@ -1,7 +1,7 @@
 """The unit of work behind every scope: one session per Database, held in a ContextVar.
 
 Every integration (``scope()``, the ASGI, aiohttp, FastStream and taskiq middlewares)
-drives the same :class:`_Unit` through the same steps::
+drives the same ``_Unit`` through the same steps::
 
     unit = _Unit()
     token = unit.enter()                             # the current scope in this context
@@ -183,7 +183,7 @@ class _Unit:
 
     @staticmethod
     def exit(token: Token[_Unit | None]) -> None:
-        """Restore the context as it was before :meth:`enter`."""
+        """Restore the context as it was before ``enter()``."""
         # ValueError: reset in another context than the one enter() ran in (a fixture whose
         # setup and teardown run in different tasks). The unit is closed by end() anyway,
         # so that context reads as having no open scope. (Not contextlib.suppress: this
@@ -613,7 +613,7 @@ async def _statements_done(session: AsyncSession) -> list[Any]:
     a lock on the connection: wait for it. If it stays held, the caller's ROLLBACK fails
     and the connection is discarded, which also ends the statement.
 
-    Returns the session's connections (see :func:`_connections`).
+    Returns the session's connections (see ``_connections()``).
     """
     connections = _connections(session)
     for connection in connections:
@@ -728,7 +728,7 @@ def _log_late_failure(task: asyncio.Task[None]) -> None:
 
 
 class scope:  # noqa: N801 - reads as a function at the call site
-    """Open a unit of work: one session per :class:`Database`, ended together.
+    """Open a unit of work: one session per ``Database``, ended together.
 
     Use it as ``async with scope():`` or as a decorator on an ``async def`` (each call then
     runs in a scope of its own). Inside, ``await db.session()`` returns the scope's session
@@ -743,16 +743,16 @@ class scope:  # noqa: N801 - reads as a function at the call site
             raised (cancellation included); ``"always"`` commits even after an exception;
             ``"never"`` always rolls back (read-only work, dry runs).
         nested: what to do when a scope is already active. ``"raise"`` (default) raises
-            :class:`~sqla_context.exceptions.NestedScopeError`; ``"reuse"`` joins the active
+            ``NestedScopeError``; ``"reuse"`` joins the active
             scope, whose owner commits and closes (this scope's options are then ignored);
             ``"new"`` opens an independent scope with its own sessions and connections.
         before_commit: called with each session right before this scope commits it (sync or
             async), in the scope's task and context. An exception aborts that commit like a
             failing COMMIT.
         after_commit: called with each session right after this scope committed it.
-        retry: decorator only. A number of attempts or a :class:`~sqla_context.Retry`: a
+        retry: decorator only. A number of attempts or a ``Retry``: a
             call that fails with a serialization failure or a deadlock (see
-            :func:`~sqla_context.is_retryable`) is rolled back and run again from the start
+            ``is_retryable()``) is rolled back and run again from the start
             in a fresh scope, after a jittered backoff. Retried units are outermost units:
             called inside an active scope, ``nested="raise"`` raises and ``nested="new"``
             runs (and retries) independently; ``nested="reuse"`` and ``commit="always"`` are
@@ -918,7 +918,7 @@ async def run_isolated(fn: Callable[..., Awaitable[R]], /, *args: Any, **kwargs:
     committed independently of the calling scope (it does not see the caller's uncommitted
     changes, and the caller's rollback does not undo it).
 
-    ``run_isolated(fn, retry=...)`` (a number of attempts or a :class:`~sqla_context.Retry`)
+    ``run_isolated(fn, retry=...)`` (a number of attempts or a ``Retry``)
     runs ``fn`` again, in a fresh scope, while it fails with a serialization failure or a
     deadlock; see ``scope(retry=...)``. The keyword ``retry`` always belongs to
     ``run_isolated``: give ``fn`` its arguments with ``functools.partial`` or a ``lambda``

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 class TransactionBlock:
     """What ``db.transaction()`` returns: an async context manager and a decorator.
 
-    Entering yields the scope's ``AsyncSession``. Made by :meth:`Database.transaction`, whose
+    Entering yields the scope's ``AsyncSession``. Made by ``Database.transaction()``, whose
     ``existing`` argument (what to do with a transaction already open) it carries.
     """
 

@@ -186,7 +186,7 @@ def session_middleware(
     commit_on: Callable[[int], bool] = _is_success,
     websocket: WebSocketMode = "none",
 ) -> Middleware:
-    """Build an aiohttp middleware that runs every request in a :func:`~sqla_context.scope`.
+    """Build an aiohttp middleware that runs every request in a ``scope()``.
 
     ``await db.session()`` then works anywhere in the request's handler, in the middlewares
     listed after this one and in helpers at any depth. The sessions are committed before
@@ -200,7 +200,7 @@ def session_middleware(
         websocket: ``"none"`` (default): no scope for WebSocket upgrade requests;
             ``"connection"``: one scope for the whole connection.
 
-    When the commit fails, the middleware raises :class:`~sqla_context.CommitError` in place
+    When the commit fails, the middleware raises ``CommitError`` in place
     of the handler's response, and aiohttp answers it with a 500.
 
     Raises:
@@ -210,8 +210,6 @@ def session_middleware(
 
         app = web.Application(middlewares=[session_middleware()])
         dispose_on_cleanup(app, db)
-
-    .. versionadded:: 0.1.0
     """
     check_choice("websocket", websocket, WebSocketMode)
 
@@ -290,8 +288,6 @@ def dispose_on_cleanup(app: web.Application, *databases: Database) -> None:
 
     aiohttp runs ``on_cleanup`` handlers at shutdown, after the last request; a failing
     ``dispose()`` is logged at WARNING and does not stop the others.
-
-    .. versionadded:: 0.1.0
     """
 
     async def dispose(app: web.Application) -> None:
@@ -310,7 +306,7 @@ def setup(
     commit_on: Callable[[int], bool] = _is_success,
     websocket: WebSocketMode = "none",
 ) -> None:
-    """Install :func:`session_middleware` on ``app`` and dispose ``databases`` on cleanup.
+    """Install ``session_middleware()`` on ``app`` and dispose ``databases`` on cleanup.
 
     The middleware goes *first* in ``app.middlewares``, so every other middleware (one that
     loads the current user, say) runs inside the request's scope too. A marker goes *last*,
@@ -319,18 +315,16 @@ def setup(
     it is moved back to the end when the app starts, after middlewares appended later.
     Call ``setup()`` before
     the app starts (aiohttp freezes the middleware list then). Build the list yourself with
-    :func:`session_middleware` for another order.
+    ``session_middleware()`` for another order.
 
     Args:
         app: the application.
-        databases: disposed when the app cleans up (see :func:`dispose_on_cleanup`).
-        commit_on: passed to :func:`session_middleware`.
-        websocket: passed to :func:`session_middleware`.
+        databases: disposed when the app cleans up (see ``dispose_on_cleanup()``).
+        commit_on: passed to ``session_middleware()``.
+        websocket: passed to ``session_middleware()``.
 
     Raises:
         ConfigurationError: ``websocket`` is not ``"none"`` or ``"connection"``.
-
-    .. versionadded:: 0.1.0
     """
     app.middlewares.insert(0, session_middleware(commit_on=commit_on, websocket=websocket))
     marker = _failure_marker(commit_on)

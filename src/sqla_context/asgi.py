@@ -112,7 +112,7 @@ _request_unit: ContextVar[_Unit | None] = ContextVar("sqla_context.asgi.unit", d
 
 
 class SessionMiddleware:
-    """ASGI middleware that runs every HTTP request in a :func:`~sqla_context.scope`.
+    """ASGI middleware that runs every HTTP request in a ``scope()``.
 
     ``await db.session()`` then works anywhere in the request's handlers, dependencies and
     helpers. The sessions are committed right before the response headers are sent if

@@ -1,6 +1,6 @@
 """Exceptions raised by sqla_context.
 
-Every error derives from :class:`SqlaContextError`; each child also derives from the
+Every error derives from ``SqlaContextError``; each child also derives from the
 builtin a caller may already catch::
 
     SqlaContextError
@@ -19,7 +19,7 @@ builtin a caller may already catch::
 
 Errors raised by SQLAlchemy or the driver (``IntegrityError``, ``OperationalError``, ...)
 pass through unchanged, except at scope exit, where a failed commit is wrapped in
-:class:`CommitError` so that the message can say which databases were committed.
+``CommitError`` so that the message can say which databases were committed.
 """
 
 from __future__ import annotations
@@ -215,7 +215,7 @@ class RetryError(SqlaContextError):
     Attributes:
         attempts: how many times the unit ran.
         last: the error of the last attempt (a driver error wrapped by SQLAlchemy, or a
-            :class:`CommitError` if it surfaced at the COMMIT).
+            ``CommitError`` if it surfaced at the COMMIT).
     """
 
     def __init__(self, attempts: int, last: BaseException, code: str | None = None) -> None:
@@ -232,7 +232,7 @@ class RetryError(SqlaContextError):
 
 
 class UnsafeDatabaseError(SqlaContextError, RuntimeError):
-    """:mod:`sqla_context.testing` refused a server database that does not look like a test one.
+    """``sqla_context.testing`` refused a server database that does not look like a test one.
 
     Rollback mode never keeps data, but commit mode empties tables: both refuse a database
     whose name fails the ``is_test_database`` rule (default: the name contains ``"test"``),
@@ -241,16 +241,16 @@ class UnsafeDatabaseError(SqlaContextError, RuntimeError):
 
 
 class LeakError(SqlaContextError, AssertionError):
-    """A test ended with a connection of a :class:`~sqla_context.Database` still checked out.
+    """A test ended with a connection of a ``Database`` still checked out.
 
-    Raised by :mod:`sqla_context.testing` when the isolation ends; the message names the
+    Raised by ``sqla_context.testing`` when the isolation ends; the message names the
     database. Usually a session made from ``db.sessionmaker()`` or a connection from
     ``db.engine.connect()`` that the test or the app never closed.
     """
 
 
 def _unwrap_commit(exc: BaseException) -> BaseException:
-    """The failure behind a :class:`CommitError`, else ``exc``: what a log line should show."""
+    """The failure behind a ``CommitError``, else ``exc``: what a log line should show."""
     if isinstance(exc, CommitError) and exc.__cause__ is not None:
         return exc.__cause__
     return exc

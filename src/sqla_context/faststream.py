@@ -32,7 +32,7 @@ Where it sits in FastStream's flow
        a bug), or was cancelled: everything is rolled back and closed, and the exception
        goes on; the subscriber's ``ack_policy`` decides the message's fate as usual, unless
        the handler had committed part of its work early (see "Early commits").
-    4. the commit failed (a :class:`~sqla_context.CommitError` at scope exit, or one that
+    4. the commit failed (a ``CommitError`` at scope exit, or one that
        escaped the handler from ``db.close_session()``): the middleware nacks the message
        itself (``message.nack()``, which requeues on RabbitMQ, naks on NATS JetStream and
        seeks back on Kafka), then re-raises. FastStream's own ack/nack/reject that follows
@@ -54,7 +54,7 @@ Preconditions for ack-after-commit
 Early commits
     ``db.commit()``, ``db.close_session()`` and top-level ``db.transaction()`` blocks commit
     inside the handler, before it ends, and such a commit is final: nothing undoes it. The
-    rule, the same as in :mod:`sqla_context.taskiq`: **a message whose work is partly
+    rule, the same as in ``sqla_context.taskiq``: **a message whose work is partly
     committed is never settled as failed.** If the handler raises an error after an early
     commit, the rest of its work is rolled back and the middleware nacks the message (as
     after a failed commit, step 4), whatever the ``ack_policy``: the default

@@ -5,7 +5,7 @@
     @get("/users/{user_id:int}")
     async def read_user(user_id: int, session: NamedDependency[AsyncSession]) -> User: ...
 
-The plugin installs :class:`sqla_context.asgi.SessionMiddleware` first among the app's
+The plugin installs ``sqla_context.asgi.SessionMiddleware`` first among the app's
 middleware (Litestar's own exception handling still wraps it, so a failed commit reaches
 the server as a ``LitestarException`` caused by the ``CommitError``), so Litestar requests
 get the ASGI guarantees: the request's sessions are
@@ -52,7 +52,7 @@ class SqlaContextPlugin(InitPluginProtocol):
         *databases: the app's databases; the first one provides the ``session`` dependency.
             All of them are disposed on shutdown.
         commit_on: decides from the response status whether to commit (default: < 400).
-        websocket: as for :class:`~sqla_context.asgi.SessionMiddleware`: ``"none"`` (default)
+        websocket: as for ``SessionMiddleware``: ``"none"`` (default)
             opens no scope for WebSocket connections, ``"connection"`` one per connection.
         dependency_key: the name of the session dependency (``None``: provide none).
 

@@ -1,6 +1,6 @@
 """OpenTelemetry spans and pool metrics for units of work (``pip install 'sqla-context[otel]'``).
 
-Off until :func:`instrument` is called; ``import sqla_context`` never imports OpenTelemetry.
+Off until ``instrument()`` is called; ``import sqla_context`` never imports OpenTelemetry.
 Once instrumented, each unit of work (a request, a job, a ``@scope()`` call,
 ``run_isolated``) that opens a session gets one span, started at its first session and
 made current in that task, so that statement spans of
@@ -81,7 +81,7 @@ def db_attributes(db: Database, engine: AsyncEngine) -> dict[str, Any]:
 
 
 class _Telemetry:
-    """The instrumentation :func:`instrument` installs (one at a time)."""
+    """The instrumentation ``instrument()`` installs (one at a time)."""
 
     def __init__(
         self, databases: tuple[Database, ...], tracer_provider: Any, meter_provider: Any
@@ -305,7 +305,7 @@ def instrument(
         meter_provider: defaults to the global one.
 
     Raises:
-        ConfigurationError: already instrumented (call :func:`uninstrument` first), or an
+        ConfigurationError: already instrumented (call ``uninstrument()`` first), or an
             argument is not a Database.
     """
     from ._database import Database
@@ -330,7 +330,7 @@ def instrument(
 
 
 def uninstrument() -> None:
-    """Undo :func:`instrument`: no more spans nor metrics; no-op if not instrumented."""
+    """Undo ``instrument()``: no more spans nor metrics; no-op if not instrumented."""
     telemetry = _observe.telemetry
     if not isinstance(telemetry, _Telemetry):
         return

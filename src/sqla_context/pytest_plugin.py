@@ -17,7 +17,7 @@
         return lambda name: name.startswith("ci_")  # optional: which databases may be used
 
 Then request ``sqla_isolation`` in a test (or make it autouse in your conftest): the test's
-database work is rolled back when it ends (see :func:`sqla_context.testing.isolated`). Mark
+database work is rolled back when it ends (see ``sqla_context.testing.isolated()``). Mark
 a test ``@pytest.mark.sqla_commit`` to have its work really committed and the written
 tables emptied afterwards. Under pytest-xdist each worker works in a database of its own,
 created and dropped by the plugin.
@@ -118,7 +118,7 @@ def sqla_run_databases(
 
     Under xdist each worker (``gw0``, ``gw1``, ...) gets a database of its own, created here
     and dropped at the end (SQLite: a file of its own). See
-    :class:`sqla_context.testing.RunDatabases`.
+    ``sqla_context.testing.RunDatabases``.
     """
     run = RunDatabases(
         *sqla_databases,
@@ -143,7 +143,7 @@ async def sqla_isolation(
     """Isolate the test's work on ``sqla_databases``; yields the mode in use.
 
     It composes with ``isolated_in(client.portal, ...)`` for a ``TestClient`` (see
-    :func:`sqla_context.testing.isolated_in`). The engines are disposed when the test ends:
+    ``sqla_context.testing.isolated_in()``). The engines are disposed when the test ends:
     pytest-asyncio gives each test its own event loop by default, and a pooled connection
     cannot move to another loop.
     """

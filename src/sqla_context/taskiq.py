@@ -87,7 +87,7 @@ When the task raises
 Early commits
     ``db.commit()``, ``db.close_session()`` and top-level ``db.transaction()`` blocks commit
     before the task ends, and such a commit is final: nothing undoes it. The rule, the same
-    as in :mod:`sqla_context.faststream`: **a message whose work is partly committed is
+    as in ``sqla_context.faststream``: **a message whose work is partly committed is
     never acknowledged as failed.** If the task raises after an early commit, the rest of
     its work is rolled back and ``on_error`` re-raises the error (logged at ERROR), so that
     the message is not acknowledged and the broker delivers it again, as after a failed
@@ -208,7 +208,7 @@ def _ack_name(value: object) -> str | None:
 
 
 class SessionMiddleware(TaskiqMiddleware):
-    """taskiq middleware that runs every task execution in its own :func:`~sqla_context.scope`.
+    """taskiq middleware that runs every task execution in its own ``scope()``.
 
     Inside a task, ``await db.session()`` returns the execution's session. When the task
     function returns, the sessions are committed (in ``post_execute``), before the message
@@ -273,7 +273,7 @@ class SessionMiddleware(TaskiqMiddleware):
                 acknowledges the message.
             Exception: the task's own error, when the task had committed part of its work
                 (``db.commit()``, ``db.close_session()``...) before it raised, or when it is a
-                :class:`~sqla_context.CommitError` (``db.close_session()`` failed): the
+                ``CommitError`` (``db.close_session()`` failed): the
                 message must come again, not be acknowledged.
         """
         execution = _execution.get()

@@ -1,7 +1,7 @@
 """Test helpers that keep each test's database work apart; importable without pytest.
 
 ``isolated(*databases)`` is the building block of the pytest plugin
-(:mod:`sqla_context.pytest_plugin`)::
+(``sqla_context.pytest_plugin``)::
 
     async with testing.isolated(db, replica):
         ...  # run the app: requests, jobs, direct calls
@@ -81,7 +81,7 @@ def set_retry_testing(testing: bool, *, attempts: int | None = 1) -> _RetryTesti
     """Make retried units fast and predictable in tests (process-wide), or back to normal.
 
     ``set_retry_testing(True)`` turns retries off: a unit runs once, and a retryable error
-    raises :class:`~sqla_context.RetryError` at once. ``attempts=n`` allows up to ``n`` runs
+    raises ``RetryError`` at once. ``attempts=n`` allows up to ``n`` runs
     (capped by each ``Retry``'s own), ``attempts=None`` keeps each ``Retry``'s own. In
     testing mode there is never a wait between attempts. ``set_retry_testing(False)``
     restores normal retrying. Used as a context manager, the call restores the previous
@@ -133,7 +133,7 @@ async def isolated(
 
     See the module docstring for the two modes. Works however the app is driven inside
     the block, as long as it runs in this event loop (direct calls, ``httpx.ASGITransport``);
-    for an app running in another loop (``TestClient``), use :func:`isolated_in`, which
+    for an app running in another loop (``TestClient``), use ``isolated_in()``, which
     composes with an ``isolated()`` block of the test's own loop.
 
     Pass every Database of the app in one call: in rollback mode those that point at the
@@ -175,7 +175,7 @@ async def isolated(
 
 
 class _Portal(Protocol):
-    """What :func:`isolated_in` needs of an anyio ``BlockingPortal``."""
+    """What ``isolated_in()`` needs of an anyio ``BlockingPortal``."""
 
     def wrap_async_context_manager(
         self, cm: contextlib.AbstractAsyncContextManager[None]
@@ -190,7 +190,7 @@ def isolated_in(
     is_test_database: Callable[[str], bool] = looks_like_test_database,
     lock_timeout: float | None = DEFAULT_LOCK_TIMEOUT,
 ) -> Iterator[None]:
-    """:func:`isolated`, run inside another thread's event loop; a plain ``with`` block.
+    """``isolated()``, run inside another thread's event loop; a plain ``with`` block.
 
     For Starlette's and FastAPI's ``TestClient``, which runs the app in an event loop of its
     own (its ``portal``) that the test's loop cannot share connections with::
@@ -202,20 +202,20 @@ def isolated_in(
     at the end, inside the portal's loop, because their pooled connections belong to it.
     Use ``TestClient`` as a context manager: without it, each request runs in a new loop.
 
-    It composes with an :func:`isolated` block (or the ``sqla_isolation`` fixture) of the
+    It composes with an ``isolated()`` block (or the ``sqla_isolation`` fixture) of the
     test's own event loop: each loop has its own connection, and sessions are bound to the
     one of the loop they are made in. Writes made through the client are therefore not
     visible to queries the test runs in its own loop; read them through the client.
 
     Args:
         portal: the ``TestClient``'s portal (``client.portal``), whose loop runs the app.
-        *databases: as for :func:`isolated`.
-        mode: as for :func:`isolated`.
-        is_test_database: as for :func:`isolated`.
-        lock_timeout: as for :func:`isolated`.
+        *databases: as for ``isolated()``.
+        mode: as for ``isolated()``.
+        is_test_database: as for ``isolated()``.
+        lock_timeout: as for ``isolated()``.
 
     Raises:
-        The same errors as :func:`isolated`, raised in the calling thread.
+        SqlaContextError: the same errors as ``isolated()``, raised in the calling thread.
     """
 
     @contextlib.asynccontextmanager
@@ -237,7 +237,7 @@ def isolated_in(
 
 
 class CapturedCallbacks:
-    """The ``on_commit()`` callbacks held back by :func:`captured_on_commit`, in order.
+    """The ``on_commit()`` callbacks held back by ``captured_on_commit()``, in order.
 
     ``callbacks`` lists them in the order they would have run (compare them, or their
     ``functools.partial`` arguments, in assertions); ``await run()`` runs them.
@@ -272,10 +272,10 @@ def captured_on_commit() -> Iterator[CapturedCallbacks]:
     """Hold back ``on_commit()`` callbacks instead of running them, for a test to inspect.
 
     Inside the block, the callbacks of every scope whose work commits (in rollback mode of
-    :func:`isolated`: whose work is "committed" to the test's savepoints) are collected in
-    the yielded :class:`CapturedCallbacks` instead of being run; callbacks dropped by a
+    ``isolated()``: whose work is "committed" to the test's savepoints) are collected in
+    the yielded ``CapturedCallbacks`` instead of being run; callbacks dropped by a
     rollback are not collected. The block itself runs nothing: call ``await
-    captured.run()``. Works with or without :func:`isolated`, in either mode, and for apps
+    captured.run()``. Works with or without ``isolated()``, in either mode, and for apps
     running in another thread (``TestClient``): the capture is process-wide while it is
     open. Blocks may nest; the innermost one captures.
 
@@ -303,7 +303,7 @@ def worker_url(url: URL, worker: str) -> URL:
     a sibling file ``<stem>_<worker><suffix>`` for SQLite (an in-memory SQLite URL is returned
     as is).
 
-    :class:`RunDatabases` passes ``<worker>_<random token>`` as ``worker``, so that two runs
+    ``RunDatabases`` passes ``<worker>_<random token>`` as ``worker``, so that two runs
     on one server never pick the same name. A server name is shortened to 63 characters
     (PostgreSQL's limit) by cutting the original name, never the suffix.
     """
@@ -322,7 +322,7 @@ class RunDatabases:
     ``setup()`` (or ``async with``) checks every database with ``is_test_database``; with
     ``worker`` set (pytest-xdist's ``gw0``, ``gw1``, ...) it creates a database of the run's
     own (``<name>_<worker>_<random token>``; SQLite: a new file next to the original) and
-    points the Database at it with :meth:`~sqla_context.Database.switch_url`; then it creates
+    points the Database at it with ``switch_url()``; then it creates
     those of ``metadata``'s tables that do not exist yet. ``teardown()`` drops only what
     ``setup()`` created: the tables it created (tables that existed before are kept, with
     their rows) and the databases or files it created; it points each Database back at its
