@@ -83,6 +83,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     ) from exc
 
 from ._scope import _FINISH_TIMEOUT, _current, _in_background, _Unit, check_choice
+from .exceptions import _describe
 
 if TYPE_CHECKING:
     from aiohttp.typedefs import Handler, Middleware  # aiohttp >= 3.9
@@ -116,12 +117,13 @@ async def _end(unit: _Unit, request: web.BaseRequest, status: int, *, commit: bo
     gone = request.transport is None
     try:
         await unit.end(failed=gone or not commit)
-    except Exception:
+    except Exception as exc:
         _log.error(
-            "commit failed for %s %s; answering 500 instead of %s",
+            "commit failed for %s %s; answering 500 instead of %s: %s",
             request.method,
             request.path,
             status,
+            _describe(exc),
         )
         raise
 
@@ -132,13 +134,14 @@ async def _end_started(
     """End ``unit`` for a response whose status line has already been sent."""
     try:
         await unit.end(failed=not commit)
-    except Exception:
+    except Exception as exc:
         _log.error(
             "commit failed for %s %s after its %s response had started; the client has "
-            "its status, aiohttp drops the connection before the body is complete",
+            "its status, aiohttp drops the connection before the body is complete: %s",
             request.method,
             request.path,
             response.status,
+            _describe(exc),
         )
         raise
 

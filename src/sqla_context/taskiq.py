@@ -138,7 +138,7 @@ except ImportError:  # pragma: no cover - depends on the taskiq version
     TaskRejectedError = NoResultError  # type: ignore[misc,assignment]
 
 from ._scope import _Unit
-from .exceptions import CommitError
+from .exceptions import CommitError, _describe
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncSession
@@ -324,11 +324,12 @@ class SessionMiddleware(TaskiqMiddleware):
             return
         try:
             await execution.unit.end(failed=result.is_err)
-        except Exception:
+        except Exception as exc:
             _log.error(
-                "commit failed for taskiq task %s (id %s); the message is not acknowledged",
+                "commit failed for taskiq task %s (id %s); the message is not acknowledged: %s",
                 message.task_name,
                 message.task_id,
+                _describe(exc),
             )
             raise
         finally:
