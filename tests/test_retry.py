@@ -38,6 +38,7 @@ from sqla_context import (
     Retry,
     RetryError,
     is_retryable,
+    on_commit,
     run_isolated,
     scope,
 )
@@ -773,3 +774,26 @@ async def test_decorated_retry_inside_a_request_answers_500(sqlite: Backend) -> 
     assert response.status_code == 500
     assert await sqlite.names() == []
     await settled(sqlite, db)
+
+
+async def test_on_commit_callbacks_of_failed_attempts_never_run(backend: Backend) -> None:
+    """Each attempt is a fresh unit: a failed attempt's on_commit() callbacks go with it."""
+    db = backend.database()
+    ran: list[int] = []
+    attempts = 0
+
+    @scope(retry=Retry(attempts=3, backoff=0.001))
+    async def job() -> None:
+        nonlocal attempts
+        attempts += 1
+        attempt = attempts
+        await insert(await db.session(), f"attempt{attempt}")
+        on_commit(lambda: ran.append(attempt))
+        if attempt < 3:
+            raise serialization_failure()
+
+    await job()
+    assert attempts == 3
+    assert ran == [3]
+    assert await backend.names() == ["attempt3"]
+    await settled(backend, db)
