@@ -553,7 +553,7 @@ async def _statements_done(session: AsyncSession) -> list[Any]:
         if mutex is not None and mutex.locked():
             try:
                 await asyncio.wait_for(mutex.acquire(), _FINISH_TIMEOUT)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 _log.error(
                     "a statement on a scope's session ran %ss past the scope's end; "
                     "discarding its connection",

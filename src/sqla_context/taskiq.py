@@ -344,8 +344,7 @@ def _cancelled(exception: BaseException) -> bool:
     if not isinstance(exception, Exception):  # CancelledError, KeyboardInterrupt, SystemExit
         return True
     task = asyncio.current_task()
-    cancelling = getattr(task, "cancelling", None)  # Python 3.11+
-    return cancelling is not None and cancelling() > 0
+    return task is not None and task.cancelling() > 0
 
 
 def _abandoned(execution: _Execution, task_name: str, _task: asyncio.Task[Any]) -> None:

@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import sys
 import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any
@@ -457,8 +456,6 @@ async def test_task_that_turns_its_cancellation_into_an_error_is_not_acknowledge
     sqlite: Backend, redis_url: str
 ) -> None:
     """The handling was cancelled, whatever the task raised on its way out."""
-    if sys.version_info < (3, 11):
-        pytest.skip("Task.cancelling() came with Python 3.11")
     db = sqlite.database()
     parked = asyncio.Event()
     handling: list[asyncio.Task[Any]] = []
