@@ -192,6 +192,7 @@ def test_program(
         )
 
 
+@pytest.mark.timeout(900)  # about 40 programs one after another: a second or more each
 @pytest.mark.parametrize("order", ["forward", "backward"])
 def test_programs_share_one_folder(order: str, tmp_path: Path) -> None:
     """All programs, one after another in one folder (as a reader trying them would)."""
