@@ -76,10 +76,12 @@ if WITH_PGBOUNCER:
 # Python and lowest-version legs run on two backends to stay short).
 _ONLY = [name.strip() for name in os.environ.get("SQLA_CONTEXT_BACKENDS", "").split(",")]
 if _ONLY != [""]:
-    _known = [param.id for param in BACKENDS]
+    _known = [param.id for param in BACKENDS + PGBOUNCER_BACKENDS]
     if unknown := [name for name in _ONLY if name not in _known]:
         raise pytest.UsageError(f"SQLA_CONTEXT_BACKENDS: unknown {unknown}; known: {_known}")
     BACKENDS = [param for param in BACKENDS if param.id in _ONLY]
+    # tests/test_pgbouncer.py parametrizes with these directly: keep them out too, unless named.
+    PGBOUNCER_BACKENDS[:] = [param for param in PGBOUNCER_BACKENDS if param.id in _ONLY]
 
 _PGBOUNCER_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "pgbouncer.sh"
 
