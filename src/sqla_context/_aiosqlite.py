@@ -2,11 +2,12 @@
 
 When a ``CancelledError`` (or ``KeyboardInterrupt``) interrupts a statement, SQLAlchemy
 invalidates the connection without closing the statement's cursor, and the cursor stays
-reachable from the exception's traceback (so from the cancelled task) until the garbage
-collector frees it. Since Python 3.11, ``sqlite3.Connection.close()`` leaves the database
-handle open (``sqlite3_close_v2``: a "zombie") while a statement of a live cursor is not
-reset, so the interrupted transaction and its file lock outlive the close: every other
-connection's write fails with ``database is locked`` until the task is collected.
+reachable (from its adapter in SQLAlchemy 2.1, from the exception's traceback in both 2.0
+and 2.1, so from the cancelled task) until the garbage collector frees it. Since Python
+3.11, ``sqlite3.Connection.close()`` leaves the database handle open (``sqlite3_close_v2``:
+a "zombie") while a statement of a live cursor is not reset, so the interrupted transaction
+and its file lock outlive the close: every other connection's write fails with ``database is
+locked`` until the task is collected.
 
 The listener queues the cursor's ``close()`` on the connection's worker thread at once,
 behind the interrupted statement and ahead of the close that the invalidation queues, so
@@ -36,8 +37,7 @@ def close_interrupted_cursors(engine: AsyncEngine) -> None:
 def _close_interrupted_cursor(context: ExceptionContext) -> None:
     if isinstance(context.original_exception, Exception):
         return  # SQLAlchemy closes the cursor itself after an ordinary error
-    adapted = getattr(context.execution_context, "cursor", None)
-    cursor = getattr(adapted, "_cursor", None)  # aiosqlite.Cursor
+    cursor = _interrupted_cursor(context)  # aiosqlite.Cursor
     connection = getattr(cursor, "_conn", None)  # aiosqlite.Connection
     sqlite_cursor = getattr(cursor, "_cursor", None)  # sqlite3.Cursor
     queue = getattr(connection, "_tx", None)
@@ -47,6 +47,26 @@ def _close_interrupted_cursor(context: ExceptionContext) -> None:
     done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
     done.add_done_callback(_ignore_outcome)
     queue.put_nowait((done, sqlite_cursor.close))
+
+
+def _interrupted_cursor(context: ExceptionContext) -> Any:
+    """The aiosqlite cursor of the interrupted statement, or None.
+
+    SQLAlchemy 2.1 keeps it on its cursor adapter. SQLAlchemy 2.0 holds it only in a local
+    variable of the adapter's ``execute()``, whose frame the exception's traceback still
+    references: take it from there.
+    """
+    adapted = getattr(context.execution_context, "cursor", None)
+    if adapted is None:
+        return None
+    cursor = getattr(adapted, "_cursor", None)
+    traceback = context.original_exception.__traceback__
+    while cursor is None and traceback is not None:
+        frame = traceback.tb_frame
+        if frame.f_locals.get("self") is adapted:
+            cursor = frame.f_locals.get("_cursor")
+        traceback = traceback.tb_next
+    return cursor
 
 
 def _ignore_outcome(future: asyncio.Future[Any]) -> None:
