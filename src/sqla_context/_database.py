@@ -19,7 +19,7 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
-from ._aiosqlite import close_interrupted_cursors
+from ._aiosqlite import close_interrupted_cursors, track_statements
 from ._scope import _current, _Unit, check_hook, commit_session
 from ._transaction import TransactionBlock
 from .exceptions import (
@@ -284,6 +284,7 @@ class Database:
         if self._sqlite_begin and self._factory is None and engine.dialect.name == "sqlite":
             _let_sqlalchemy_begin(engine)
         close_interrupted_cursors(engine)
+        track_statements(engine)
         self._sessionmaker = async_sessionmaker(engine, **self.session_options)
         self._engine = engine
 
