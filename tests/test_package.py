@@ -79,4 +79,4 @@ def test_lowest_leg_pins_every_floor() -> None:
     for requirement in floors:
         name, floor = re.split(r"(?:\[[^\]]*\])?>=", requirement)
         assert pins[re.sub(r"[-_.]+", "-", name).lower()] == floor, requirement
-    assert pins["sqlalchemy"] == "2.0.38"
+    assert pins["sqlalchemy"] == "2.0.55"
