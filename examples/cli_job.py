@@ -57,7 +57,7 @@ import contextlib
 import logging
 import os
 import sys
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import DateTime, String, select
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -101,7 +101,7 @@ payments = PaymentProvider()
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 @scope()  # every call is one unit of work: committed on return, rolled back if it raises

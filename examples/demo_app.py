@@ -6,6 +6,9 @@
 
 Every request runs in a scope (SessionMiddleware): handlers and helpers call
 ``await db.session()`` and never commit by hand unless they want to.
+
+On SQLite the data stays in ./demo.db. On a server (PostgreSQL, MariaDB) the demo drops its
+two tables (demo_users, demo_orders) when it shuts down, leaving the database as it found it.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import Annotated
 
 from fastapi import Depends, FastAPI, HTTPException
 from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.routing import APIRoute
 from pydantic import BaseModel
 from sqlalchemy import ForeignKey, String, func, select
 from sqlalchemy.exc import IntegrityError
@@ -71,7 +75,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with db.new_session(begin=True) as session:
             if not (await session.scalar(select(func.count()).select_from(User))):
                 session.add_all([User(name="ada"), User(name="grace")])
-        yield
+        try:
+            yield
+        finally:
+            if db.engine.dialect.name != "sqlite":  # a shared server: leave no tables behind
+                async with db.engine.begin() as conn:
+                    await conn.run_sync(Base.metadata.drop_all)
 
 
 app = FastAPI(title="sqla-context demo shop", lifespan=lifespan)
@@ -130,13 +139,14 @@ async def read_user(
 async def create_user(body: NewUser) -> JSONResponse:
     """Committed automatically before the 201 leaves; a duplicate name answers 409."""
     session = await db.session()
-    session.add(User(name=body.name))
+    user = User(name=body.name)
+    session.add(user)
     try:
-        await session.flush()
+        await session.flush()  # sends the INSERT: the id is known from here on
     except IntegrityError:
         return JSONResponse({"detail": f"{body.name!r} exists"}, status_code=409)  # rolled back
     on_commit(functools.partial(send_welcome_mail, body.name))  # sent once committed
-    return JSONResponse({"name": body.name}, status_code=201)
+    return JSONResponse({"id": user.id, "name": user.name}, status_code=201)
 
 
 @app.post("/users/bulk")
@@ -224,22 +234,45 @@ async def export_orders() -> StreamingResponse:
     return StreamingResponse(rows(), media_type="text/csv")
 
 
+#: A request body for each endpoint that needs one (the banner's curl lines).
+EXAMPLE_BODIES = {
+    ("POST", "/users"): '{"name": "linus"}',
+    ("POST", "/users/bulk"): '["x", "ada", "y"]',
+    ("POST", "/orders"): '{"user_id": 1, "item": "book"}',
+}
+
+
+def banner(base: str) -> str:
+    """What the demo prints at start: where it runs, and a curl line for every endpoint."""
+    assert db.url is not None
+    lines = [
+        f"sqla-context demo shop on {base}",
+        f"database: {db.url.render_as_string(hide_password=True)}",
+        "try:",
+    ]
+    for route in app.routes:
+        if not isinstance(route, APIRoute):  # /docs, /openapi.json: FastAPI's own
+            continue
+        path = route.path.replace("{user_id}", "1").replace("{order_id}", "1")
+        for method in sorted(route.methods):
+            lines.append(f"  # {method} {route.path}: {route.description.splitlines()[0]}")
+            line = (
+                f"  curl -s {base}{path}"
+                if method == "GET"
+                else f"  curl -s -X {method} {base}{path}"
+            )
+            if (body := EXAMPLE_BODIES.get((method, route.path))) is not None:
+                line += f" -H 'content-type: application/json' -d '{body}'"
+            lines.append(line)
+    lines.append(f"  open {base}/docs for the API; Ctrl-C (or SIGTERM) stops the server")
+    return "\n".join(lines)
+
+
 def main() -> None:
     import uvicorn
 
     port = int(os.environ.get("PORT", "8000"))
-    base = f"http://127.0.0.1:{port}"
-    assert db.url is not None
-    print(f"sqla-context demo shop on {base}")
-    print(f"database: {db.url.render_as_string(hide_password=True)}")
-    json = "-H 'content-type: application/json'"
-    print("try:")
-    print(f"  curl -s {base}/users")
-    print(f"""  curl -s -X POST {base}/users {json} -d '{{"name": "linus"}}'""")
-    print(f"""  curl -s -X POST {base}/orders {json} -d '{{"user_id": 1, "item": "book"}}'""")
-    print(f"  curl -s {base}/stats")
-    print(f"  curl -s {base}/orders/export")
-    print(f"  open {base}/docs for the rest; Ctrl-C to stop")
+    print(banner(f"http://127.0.0.1:{port}"), flush=True)
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="info")
 
 

@@ -4,6 +4,7 @@ SQLite (a file in the test's tmp dir) always runs. PostgreSQL (asyncpg and psyco
 MariaDB (asyncmy) run when reachable; otherwise they skip with the reason, unless
 SQLA_CONTEXT_REQUIRE_SERVERS=1 (set by .ci/run), which turns an unreachable server into a
 failure. Override the server URLs with SQLA_CONTEXT_PG_URL / _PSYCOPG_URL / _MARIADB_URL.
+SQLA_CONTEXT_BACKENDS (comma-separated ids, e.g. ``sqlite,pg-asyncpg``) selects some of them.
 
 With SQLA_CONTEXT_PGBOUNCER=1 two more backends run: ``pgbouncer-asyncpg`` and
 ``pgbouncer-psycopg``, PostgreSQL through PgBouncer in transaction mode
@@ -70,6 +71,17 @@ PGBOUNCER_BACKENDS = [
 ]
 if WITH_PGBOUNCER:
     BACKENDS += PGBOUNCER_BACKENDS
+
+# SQLA_CONTEXT_BACKENDS=sqlite,pg-asyncpg keeps only those backends (run.py matrix: the
+# Python and lowest-version legs run on two backends to stay short).
+_ONLY = [name.strip() for name in os.environ.get("SQLA_CONTEXT_BACKENDS", "").split(",")]
+if _ONLY != [""]:
+    _known = [param.id for param in BACKENDS + PGBOUNCER_BACKENDS]
+    if unknown := [name for name in _ONLY if name not in _known]:
+        raise pytest.UsageError(f"SQLA_CONTEXT_BACKENDS: unknown {unknown}; known: {_known}")
+    BACKENDS = [param for param in BACKENDS if param.id in _ONLY]
+    # tests/test_pgbouncer.py parametrizes with these directly: keep them out too, unless named.
+    PGBOUNCER_BACKENDS[:] = [param for param in PGBOUNCER_BACKENDS if param.id in _ONLY]
 
 _PGBOUNCER_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "pgbouncer.sh"
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import sys
 import threading
 from typing import Any
 
@@ -125,7 +124,6 @@ async def test_wait_for_timeout_rolls_back_and_raises_timeout_error(backend: Bac
     await assert_clean(backend, db, [])
 
 
-@pytest.mark.skipif(sys.version_info < (3, 11), reason="asyncio.timeout() is new in Python 3.11")
 async def test_asyncio_timeout_in_scope_body_rolls_back_and_becomes_timeout_error(
     backend: Backend,
 ) -> None:

@@ -35,7 +35,7 @@ class Boom(Exception):
 
 
 class Rendezvous:
-    """A single-use ``asyncio.Barrier(parties)`` (which Python 3.10 does not have).
+    """A single-use barrier with a ``passed`` event to await (``asyncio.Barrier`` has none).
 
     ``wait()`` returns once ``parties`` tasks have called it; ``passed`` is set from then on.
     """

@@ -10,6 +10,9 @@ Rules for docs/*.md, docs/migrating/*.md and README.md:
   is that program's exact standard output.
 - Fragments that cannot run alone are tagged ``py``; shell commands ``console``.
 - Every page has at least one runnable block, so that this test cannot pass vacuously.
+- Programs run in any order and any folder: each creates what it needs (dropping its own
+  tables first), so running them one after another in one folder, forwards or backwards,
+  gives the same results as running each alone.
 """
 
 from __future__ import annotations
@@ -153,7 +156,7 @@ _PYTHONPATH = os.pathsep.join(
 
 
 def run(program: Program, workdir: Path) -> subprocess.CompletedProcess[str]:
-    workdir.mkdir(parents=True)
+    workdir.mkdir(parents=True, exist_ok=True)
     script = workdir / f"{program.page.stem.lower()}_{program.index}.py"
     script.write_text(program.code, encoding="utf-8")
     return subprocess.run(
@@ -207,6 +210,26 @@ def test_program(
         assert result.stdout.rstrip("\n") == program.output.rstrip("\n"), (
             f"{program.where} printed other output than the page shows\n{report}"
         )
+
+
+@pytest.mark.timeout(900)  # about 40 programs one after another: a second or more each
+@pytest.mark.parametrize("order", ["forward", "backward"])
+def test_programs_share_one_folder(order: str, tmp_path: Path) -> None:
+    """All programs, one after another in one folder (as a reader trying them would)."""
+    sequence = ALL_PROGRAMS if order == "forward" else ALL_PROGRAMS[::-1]
+    failures = []
+    for program in sequence:
+        result = run(program, tmp_path)
+        if result.returncode != 0 or (
+            program.output is not None and result.stdout.rstrip("\n") != program.output.rstrip("\n")
+        ):
+            last = (result.stderr.strip().splitlines() or ["(no stderr)"])[-1]
+            failures.append(f"{program.where} (exit {result.returncode}): {last}")
+    assert list(tmp_path.glob("*.py")), "no program ran"
+    assert not failures, (
+        f"{len(failures)} of {len(sequence)} programs fail in a shared folder:\n"
+        + "\n".join(failures)
+    )
 
 
 # -- the pages themselves ------------------------------------------------------------------------

@@ -314,7 +314,7 @@ async def _standby(request: pytest.FixtureRequest, exclusive: bool) -> AsyncIter
     try:
         if not await asyncio.wait_for(is_standby(), 10):
             pytest.fail(f"{standby_base} is not a standby (pg_is_in_recovery() is false)")
-    except (DBAPIError, OSError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, DBAPIError, OSError) as exc:
         reason = (
             f"the standby {standby_base} is unreachable ({type(exc).__name__}: {exc}); "
             "start it with scripts/standby.sh start"

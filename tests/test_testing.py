@@ -283,7 +283,7 @@ BOUND = 30  # seconds: a test that would hang fails with an explanation instead
 async def bounded(coro: Any, what: str) -> Any:
     try:
         return await asyncio.wait_for(coro, BOUND)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         pytest.fail(f"{what} did not finish within {BOUND} s: it hangs")
 
 

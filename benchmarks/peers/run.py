@@ -400,7 +400,7 @@ def _machine(args: argparse.Namespace, pg_version: str) -> dict[str, Any]:
         ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
     ).stdout.strip()
     return {
-        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "cpu": f"{os.cpu_count()} x {model}",
         "platform": platform.platform(),
         "python": f"{platform.python_version()} ({platform.python_implementation()})",

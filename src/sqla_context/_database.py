@@ -20,7 +20,7 @@ from sqlalchemy.ext.asyncio import (
 )
 
 from . import _scope
-from ._aiosqlite import close_interrupted_cursors
+from ._aiosqlite import close_interrupted_cursors, track_statements
 from ._replicas import make_read_only, read_session, track_writes
 from ._scope import _current, _Unit, check_hook, commit_session
 from ._transaction import TransactionBlock
@@ -403,6 +403,7 @@ class Database:
 
             if self._hold_warning is not None or (telemetry and telemetry.watches(self)):
                 track(self, engine)
+        track_statements(engine)
         self._sessionmaker = async_sessionmaker(engine, **self.session_options)
         self._engine = engine
 

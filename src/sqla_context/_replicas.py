@@ -9,7 +9,6 @@ primary for the rest of its life.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import logging
 import random
@@ -152,7 +151,7 @@ async def _route(db: Database) -> Database:
             # Connect now, so that an unreachable replica sends the reads to the primary
             # instead of failing the caller's first query.
             await session.connection()
-        except (SQLAlchemyError, OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, SQLAlchemyError, OSError) as exc:
             routes[db] = db
             await replica.close_session(commit=False)
             _replica_failed(db, replica, exc)

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, get_args, overload
 from sqlalchemy.exc import IllegalStateChangeError
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from ._aiosqlite import statement_idle
 from ._retry import Retry, as_retry, call_retrying
 from ._typing import CommitCallback, CommitMode, NestedMode, P, R, SessionHook
 from .exceptions import CommitError, ConfigurationError, NestedScopeError, NoScopeError
@@ -619,18 +620,26 @@ async def _statements_done(session: AsyncSession) -> list[Any]:
     for connection in connections:
         mutex = _statement_lock(connection)
         if mutex is not None and mutex.locked():
-            try:
-                await asyncio.wait_for(mutex.acquire(), _FINISH_TIMEOUT)
-            except TimeoutError:
-                _log.error(
-                    "a statement on a scope's session ran %ss past the scope's end; "
-                    "discarding its connection",
-                    _FINISH_TIMEOUT,
-                )
-                await _invalidate([connection])
-            else:
+            if await _statement_ended(connection, mutex.acquire()):
                 mutex.release()
+        elif (idle := statement_idle(connection)) is not None and not idle.is_set():
+            await _statement_ended(connection, idle.wait())  # aiosqlite, SQLAlchemy 2.0
     return connections
+
+
+async def _statement_ended(connection: Any, ended: Awaitable[object]) -> bool:
+    """Await ``ended`` up to ``_FINISH_TIMEOUT``; past that, discard ``connection``."""
+    try:
+        await asyncio.wait_for(ended, _FINISH_TIMEOUT)
+    except TimeoutError:
+        _log.error(
+            "a statement on a scope's session ran %ss past the scope's end; "
+            "discarding its connection",
+            _FINISH_TIMEOUT,
+        )
+        await _invalidate([connection])
+        return False
+    return True
 
 
 def _statement_lock(connection: Any) -> asyncio.Lock | None:

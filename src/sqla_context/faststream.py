@@ -1,7 +1,7 @@
 """FastStream integration: a scope per consumed message, committed before the message is acked.
 
-Written against FastStream 0.7 (0.6 works as well). Add the middleware to a broker, or to a
-router for some subscribers only::
+Needs FastStream 0.7.6 or later (what ``sqla-context[faststream]`` installs). Add the
+middleware to a broker, or to a router for some subscribers only::
 
     broker = RabbitBroker(url, middlewares=[SessionMiddleware])
 
@@ -117,7 +117,7 @@ try:  # AckPolicy and middlewares that get the context came with FastStream 0.6
     from faststream.message import AckStatus
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(
-        "sqla_context.faststream needs FastStream 0.6 or later, found "
+        "sqla_context.faststream needs FastStream 0.7.6 or later, found "
         f"{getattr(faststream, '__version__', 'an older one')}: "
         "pip install -U 'sqla-context[faststream]'"
     ) from exc

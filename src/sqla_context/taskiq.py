@@ -21,8 +21,8 @@ Where the hooks run
 When the message is acknowledged
     For a broker with acknowledgements (``AckableMessage``: Redis streams, RabbitMQ, NATS
     JetStream...), taskiq acknowledges at one of these points, chosen by the worker's
-    ``--ack-type`` (default ``when_saved``) or, in taskiq versions with per-task acks
-    (0.13 has them), by the task's ``ack_type`` label::
+    ``--ack-type`` (default ``when_saved``) or by the task's ``ack_type`` label (taskiq
+    0.12.5 and later, the version this integration requires)::
 
         pre_execute -> [when_received] -> task -> on_error -> [when_executed]
                     -> post_execute -> store result -> post_save -> [when_saved]
@@ -38,8 +38,7 @@ When the message is acknowledged
     An explicit ``when_received`` label (at-most-once delivery: the ack precedes the work)
     and ``manual`` (the task acks itself) are left alone: those tasks get no
     ack-after-commit guarantee. ``SessionMiddleware(ack_after_commit=False)`` leaves every
-    label alone. taskiq versions without per-task ``ack_type`` labels ignore the label: there
-    the guarantee holds only for workers run with ``--ack-type when_saved`` (the default).
+    label alone.
 
 When the commit fails
     ``post_execute`` logs the failure at ERROR and re-raises it. That aborts taskiq's
@@ -345,8 +344,7 @@ def _cancelled(exception: BaseException) -> bool:
     if not isinstance(exception, Exception):  # CancelledError, KeyboardInterrupt, SystemExit
         return True
     task = asyncio.current_task()
-    cancelling = getattr(task, "cancelling", None)  # Python 3.11+
-    return cancelling is not None and cancelling() > 0
+    return task is not None and task.cancelling() > 0
 
 
 def _abandoned(execution: _Execution, task_name: str, _task: asyncio.Task[Any]) -> None:
