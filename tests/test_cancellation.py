@@ -461,6 +461,14 @@ async def test_no_cancelled_scope_commits_whatever_the_driver_does(backend: Back
     commit_began: set[str] = set()  # COMMIT sent with no cancellation requested yet
     for turns in range(12):
         name = f"row{turns:02d}"
+        if backend.kind != "mariadb":
+            # A pooled connection for the job, so that the cancellation lands in its
+            # statements, not in opening a connection: there aiosqlite and asyncpg leave a
+            # half-open connection to the garbage collector (a driver matter, which Python
+            # 3.13 reports). On MariaDB the loop runs as found: asyncmy's lost cancellation
+            # shows at these turns only with the pool as the previous iteration left it.
+            async with scope():
+                await (await db.session()).execute(text("SELECT 1"))
 
         async def began(session: Any, name: str = name) -> None:
             if not asyncio.current_task().cancelling():  # type: ignore[union-attr]
