@@ -26,7 +26,11 @@ through_pgbouncer = pytest.mark.parametrize("backend", PGBOUNCER_BACKENDS, indir
 
 #: What both drivers raise when a prepared statement is looked for on the wrong server
 #: connection, or created on one that already has it from another client.
-PREPARED_STATEMENT_ERROR = re.compile(r'prepared statement "[^"]+" (does not exist|already exists)')
+# Each a prepared statement of another client met on a shared server connection.
+PREPARED_STATEMENT_ERROR = re.compile(
+    r'prepared statement "[^"]+" (does not exist|already exists)'
+    r'|bind message supplies \d+ parameters, but prepared statement "[^"]+" requires \d+'
+)
 
 CLIENTS = 5  # client connections (the pool), sharing 2 server connections
 REQUESTS = 30  # scopes per client
