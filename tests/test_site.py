@@ -24,18 +24,10 @@ from pathlib import Path
 
 import pytest
 
+from .test_docs import PUBLIC_MODULES
+
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "build" / "artifacts"
-PUBLIC_MODULES = [
-    "sqla_context",
-    "sqla_context.asgi",
-    "sqla_context.testing",
-    "sqla_context.pytest_plugin",
-    "sqla_context.litestar",
-    "sqla_context.aiohttp",
-    "sqla_context.taskiq",
-    "sqla_context.faststream",
-]
 REQUIRE = os.environ.get("SQLA_CONTEXT_REQUIRE_SERVERS", "") not in ("", "0")
 
 pytest.importorskip("mkdocs", reason="the site needs the [docs] extra")
