@@ -303,6 +303,14 @@ async def in_recovery(session: AsyncSession) -> bool:
 
 
 async def _standby(request: pytest.FixtureRequest, exclusive: bool) -> AsyncIterator[Standby]:
+    # The lock is taken before the probe: the test that stops the standby holds it exclusively,
+    # and a probe made while it holds it would find the standby down.
+    with standby_lock(exclusive):
+        async for sb in _locked_standby(request):
+            yield sb
+
+
+async def _locked_standby(request: pytest.FixtureRequest) -> AsyncIterator[Standby]:
     base = PG_URL if request.param == "asyncpg" else PSYCOPG_URL
     standby_base = STANDBY_URL.replace("+asyncpg", f"+{request.param}")
     probe = create_async_engine(standby_base)
@@ -328,19 +336,18 @@ async def _standby(request: pytest.FixtureRequest, exclusive: bool) -> AsyncIter
     primary_url = await _run_url(base)  # this process's database, replicated to the standby
     database = primary_url.rsplit("/", 1)[1]
     replica_url = standby_base.rsplit("/", 1)[0] + "/" + database
-    with standby_lock(exclusive):
-        primary = Backend("postgresql", primary_url, request.param)
-        replica = Backend("postgresql", replica_url, request.param)
-        await primary.setup()
+    primary = Backend("postgresql", primary_url, request.param)
+    replica = Backend("postgresql", replica_url, request.param)
+    await primary.setup()
+    try:
+        sb = Standby(primary, replica)
+        await sb.replayed()
+        yield sb
+    finally:
         try:
-            sb = Standby(primary, replica)
-            await sb.replayed()
-            yield sb
+            await replica.teardown()
         finally:
-            try:
-                await replica.teardown()
-            finally:
-                await primary.teardown()
+            await primary.teardown()
 
 
 @pytest.fixture(params=["asyncpg", "psycopg"])
