@@ -387,6 +387,40 @@ async def test_swallowed_cancellation_rolls_back_and_is_raised_at_scope_exit(
     assert await backend.open_transactions() == 0
 
 
+async def test_cancellation_swallowed_by_a_child_task_that_opened_the_session(
+    backend: Backend,
+) -> None:
+    """The scope's first session is opened in a child task the scope's task awaits; the
+    cancellation of the scope's task reaches the child, which swallows it (as an asyncmy
+    statement can) and returns. The scope must still roll back and raise CancelledError.
+
+    Found by tests/test_stateful.py on MariaDB: the scope committed, because the
+    cancellation count was taken from the child task instead of the scope's own.
+    """
+    db = backend.database()
+    in_child = asyncio.Event()
+
+    async def child() -> None:
+        await insert(await db.session(), "child")
+        in_child.set()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.sleep(10)
+
+    async def job() -> None:
+        async with scope():
+            await asyncio.create_task(child())  # cancelling job cancels the child
+            await insert(await db.session(), "after")
+
+    task = asyncio.create_task(job())
+    await in_child.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert await backend.names() == []
+    assert db.engine.pool.checkedout() == 0
+    assert await backend.open_transactions() == 0
+
+
 @pytest.mark.parametrize("call", ["commit", "close_session"])
 async def test_swallowed_cancellation_refuses_an_early_commit(backend: Backend, call: str) -> None:
     db = backend.database()

@@ -103,6 +103,7 @@ class _Unit:
         "failed",
         "locks",
         "on_session",
+        "owner",
         "routes",
         "sessions",
         "source",
@@ -126,8 +127,11 @@ class _Unit:
         self.locks: dict[Database, asyncio.Lock] | None = None
         # Called once a session is added (an integration that watches units with sessions).
         self.on_session: Callable[[], None] | None = None
-        # The task that opened the first session, and how many cancellations of it were
-        # pending then (see cancel_lost()).
+        # The task that made the unit current (enter()): the one that ends it.
+        self.owner: asyncio.Task[Any] | None = None
+        # That task (or, for a unit never entered, the one that opened the first session)
+        # and how many cancellations of it were pending when the first session was opened
+        # (see cancel_lost()).
         self.baseline: tuple[asyncio.Task[Any], int] | None = None
         self.closed = False
         self.failed = False
@@ -153,7 +157,9 @@ class _Unit:
     def add(self, db: Database, session: AsyncSession) -> AsyncSession:
         """Hold ``session`` as this unit's session for ``db``; tell ``on_session``."""
         self.sessions[db] = session
-        if self.baseline is None and (task := asyncio.current_task()) is not None:
+        if self.baseline is None and (task := self.owner or asyncio.current_task()) is not None:
+            # The owner's count, also when a child task opens the first session: a
+            # cancellation of the owner that a child's statement swallowed is then seen.
             self.baseline = (task, task.cancelling())
         if self.on_session is not None:
             self.on_session()
@@ -179,7 +185,8 @@ class _Unit:
         return asyncio.current_task() is task and task.cancelling() > pending
 
     def enter(self) -> Token[_Unit | None]:
-        """Make this unit the current scope of the running context."""
+        """Make this unit the current scope of the running context (its task owns it)."""
+        self.owner = asyncio.current_task()
         return _current.set(self)
 
     @staticmethod
