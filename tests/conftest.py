@@ -28,8 +28,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, event, make_url, text
+from sqlalchemy import Engine, String, event, make_url, text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from sqla_context import Database, pgbouncer_options
 
@@ -320,6 +321,18 @@ async def _create_database(witness: AsyncEngine, name: str) -> None:
         else:
             await conn.execute(text(f"CREATE DATABASE IF NOT EXISTS `{name}`"))
     _created.add(f"{witness.url}/{name}")
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Item(Base):
+    """The ORM view of the ``items`` table every Backend creates."""
+
+    __tablename__ = "items"
+
+    name: Mapped[str] = mapped_column(String(100), primary_key=True)
 
 
 async def insert(session: AsyncSession, name: str) -> None:

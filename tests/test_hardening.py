@@ -15,26 +15,16 @@ import httpx
 import pytest
 from fastapi import BackgroundTasks, Depends, FastAPI
 from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
-from sqlalchemy import String, text
+from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError, InvalidRequestError
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from sqla_context import Database, EventLoopError, scope
 from sqla_context.asgi import SessionMiddleware
 
-from .conftest import Backend, insert
+from .conftest import Backend, Item, insert
 
 TIMEOUT = 10
-
-
-class Base(DeclarativeBase):
-    pass
-
-
-class Item(Base):
-    __tablename__ = "items"
-    name: Mapped[str] = mapped_column(String(100), primary_key=True)
 
 
 # -- 1. a savepoint undoes a failed flush --------------------------------------------------

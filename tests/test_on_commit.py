@@ -18,9 +18,8 @@ import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, precondition, rule, run_state_machine_as_test
-from sqlalchemy import String, text
+from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError, IntegrityError
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from sqla_context import (
     CommitError,
@@ -33,21 +32,11 @@ from sqla_context import (
     testing,
 )
 
-from .conftest import Backend, insert
+from .conftest import Backend, Item, insert
 
 
 class Boom(Exception):
     pass
-
-
-class Base(DeclarativeBase):
-    pass
-
-
-class Item(Base):
-    __tablename__ = "items"
-
-    name: Mapped[str] = mapped_column(String(100), primary_key=True)
 
 
 class Witness:

@@ -23,10 +23,9 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import String, event, insert, select, text
+from sqlalchemy import event, insert, select, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from sqla_context import (
     CommitError,
@@ -39,22 +38,13 @@ from sqla_context import (
 )
 from sqla_context._replicas import may_write
 
-from .conftest import PG_URL, PSYCOPG_URL, REQUIRE_SERVERS, Backend, _run_url, _server_urls
+from .conftest import PG_URL, PSYCOPG_URL, REQUIRE_SERVERS, Backend, Item, _run_url, _server_urls
 
 ROOT = Path(__file__).resolve().parents[1]
 STANDBY_URL = os.environ.get(
     "SQLA_CONTEXT_STANDBY_URL", "postgresql+asyncpg://postgres@127.0.0.1:5433/test"
 )
 LOCK_FILE = Path(os.environ.get("TMPDIR", "/tmp")) / "sqla_context_standby.lock"
-
-
-class Base(DeclarativeBase):
-    pass
-
-
-class Item(Base):
-    __tablename__ = "items"
-    name: Mapped[str] = mapped_column(String(100), primary_key=True)
 
 
 def count_commits(db: Database) -> list[str]:

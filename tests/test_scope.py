@@ -6,10 +6,9 @@ import asyncio
 import logging
 
 import pytest
-from sqlalchemy import String, text
+from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError, InvalidRequestError
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from sqla_context import (
     CommitError,
@@ -21,20 +20,11 @@ from sqla_context import (
     scope,
 )
 
-from .conftest import Backend, insert
+from .conftest import Backend, Item, insert
 
 
 class Boom(Exception):
     pass
-
-
-class Base(DeclarativeBase):
-    pass
-
-
-class Item(Base):
-    __tablename__ = "items"
-    name: Mapped[str] = mapped_column(String(100), primary_key=True)
 
 
 async def test_success_commits_and_returns_connection(backend: Backend) -> None:

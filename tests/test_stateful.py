@@ -51,13 +51,12 @@ from hypothesis.stateful import (
     rule,
     run_state_machine_as_test,
 )
-from sqlalchemy import String, text
+from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from sqla_context import CommitError, Database, TransactionAlreadyOpenError, run_isolated, scope
 
-from .conftest import Backend
+from .conftest import Backend, Item
 
 #: Bound of every single step; a step that takes longer is a hang, reported as a failure.
 STEP_TIMEOUT = 15.0
@@ -81,16 +80,6 @@ settings.register_profile(
 
 # "nest" twice: savepoints are where the interesting failures are.
 MODES = ("nest", "nest", "commit", "rollback", "join", "raise")
-
-
-class Base(DeclarativeBase):
-    pass
-
-
-class Item(Base):
-    __tablename__ = "items"
-
-    name: Mapped[str] = mapped_column(String(100), primary_key=True)
 
 
 class Boom(Exception):

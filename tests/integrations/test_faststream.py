@@ -50,9 +50,9 @@ from sqla_context import scope
 from sqla_context.faststream import SessionMiddleware
 
 from ..conftest import REQUIRE_SERVERS, Backend, insert
+from .conftest import require
 
 RABBIT_URL = os.environ.get("SQLA_CONTEXT_RABBIT_URL", "amqp://guest:guest@127.0.0.1:5672/")
-REDIS_URL = os.environ.get("SQLA_CONTEXT_REDIS_URL", "redis://127.0.0.1:6379/0")
 NATS_URL = os.environ.get("SQLA_CONTEXT_NATS_URL", "nats://127.0.0.1:4222")
 
 #: Upper bound of every wait; never reached when a test passes.
@@ -80,27 +80,6 @@ async def rabbit_url() -> str:
     return RABBIT_URL
 
 
-async def _require(name: str, probe: Callable[[], Awaitable[None]]) -> None:
-    """Skip (or fail under SQLA_CONTEXT_REQUIRE_SERVERS) unless ``probe()`` succeeds."""
-    try:
-        await asyncio.wait_for(probe(), 10)
-    except Exception as exc:
-        problem = f"{name} is unreachable: {type(exc).__name__}: {exc}"
-        if REQUIRE_SERVERS:
-            pytest.fail(f"SQLA_CONTEXT_REQUIRE_SERVERS is set but {problem}")
-        pytest.skip(problem)
-
-
-@pytest.fixture
-async def redis_url() -> str:
-    async def probe() -> None:
-        async with Redis.from_url(REDIS_URL) as client:
-            await client.ping()
-
-    await _require(f"Redis at {REDIS_URL}", probe)
-    return REDIS_URL
-
-
 @pytest.fixture
 async def nats_url() -> str:
     async def probe() -> None:
@@ -110,7 +89,7 @@ async def nats_url() -> str:
         finally:
             await client.close()
 
-    await _require(f"NATS JetStream at {NATS_URL}", probe)
+    await require(f"NATS JetStream at {NATS_URL}", probe)
     return NATS_URL
 
 

@@ -191,7 +191,9 @@ async def test_faststream_runs_them_after_a_committed_message_only(backend: Back
     await assert_clean(backend, db)
 
 
-async def test_taskiq_runs_them_after_a_committed_job_only(backend: Backend) -> None:
+async def test_taskiq_runs_them_after_a_committed_job_only(
+    backend: Backend, redis_url: str
+) -> None:
     from taskiq_redis import RedisStreamBroker
 
     from .test_taskiq import worker
@@ -206,8 +208,7 @@ async def test_taskiq_runs_them_after_a_committed_job_only(backend: Backend) -> 
             if name == "bad":
                 raise ValueError(name)
 
-    url = await _redis_url()
-    async with worker(url, register) as w:
+    async with worker(redis_url, register) as w:
         await w.kiq("add", "ok")
         assert await w.receiver.next_finished() is None
         await w.kiq("add", "bad")
@@ -215,24 +216,3 @@ async def test_taskiq_runs_them_after_a_committed_job_only(backend: Backend) -> 
     assert seen.ran == [("ok", True)]
     assert await backend.names() == ["ok"]
     await assert_clean(backend, db)
-
-
-async def _redis_url() -> str:
-    import asyncio
-
-    from redis.asyncio import Redis
-
-    from ..conftest import REQUIRE_SERVERS
-    from .test_taskiq import REDIS_URL
-
-    client = Redis.from_url(REDIS_URL)
-    try:
-        await asyncio.wait_for(client.ping(), 5)
-    except Exception as exc:
-        reason = f"Redis at {REDIS_URL} is unreachable: {type(exc).__name__}: {exc}"
-        if REQUIRE_SERVERS:
-            pytest.fail(f"SQLA_CONTEXT_REQUIRE_SERVERS is set but {reason}")
-        pytest.skip(reason)
-    finally:
-        await client.aclose()
-    return REDIS_URL

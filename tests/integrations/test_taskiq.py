@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any
@@ -39,27 +38,10 @@ from sqla_context import CommitError, Database, NoScopeError, scope
 from sqla_context import taskiq as sqla_taskiq
 from sqla_context.taskiq import SessionMiddleware
 
-from ..conftest import REQUIRE_SERVERS, Backend, insert
-
-REDIS_URL = os.environ.get("SQLA_CONTEXT_REDIS_URL", "redis://127.0.0.1:6379/0")
+from ..conftest import Backend, insert
 
 #: Upper bound of every wait; never reached when a test passes.
 TIMEOUT = 30.0
-
-
-@pytest.fixture
-async def redis_url() -> str:
-    client = Redis.from_url(REDIS_URL)
-    try:
-        await asyncio.wait_for(client.ping(), 5)
-    except Exception as exc:
-        reason = f"Redis at {REDIS_URL} is unreachable: {type(exc).__name__}: {exc}"
-        if REQUIRE_SERVERS:
-            pytest.fail(f"SQLA_CONTEXT_REQUIRE_SERVERS is set but {reason}")
-        pytest.skip(reason)
-    finally:
-        await client.aclose()
-    return REDIS_URL
 
 
 class RecordingReceiver(Receiver):
