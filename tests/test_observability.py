@@ -26,7 +26,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import (
     InMemorySpanExporter,
 )
-from sqlalchemy import text
+from sqlalchemy import event, text
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from sqla_context import (
@@ -277,6 +277,27 @@ async def test_instrument_twice_raises(spans: Any) -> None:
         otel.instrument()
     otel.uninstrument()
     otel.uninstrument()  # no-op
+
+
+async def test_uninstrument_removes_the_engine_listeners(spans: Any, sqlite: Backend) -> None:
+    """After uninstrument() an engine carries no listener of ours (a Database without
+    hold_warning); instrumenting again installs them once, not twice."""
+    from sqla_context import _observe
+
+    _, tracer_provider, _, meter_provider = spans
+    db = sqlite.database(name="tracked", hold_warning=None)
+    sync = db.engine.sync_engine
+    for _attempt in range(2):
+        otel.instrument(tracer_provider=tracer_provider, meter_provider=meter_provider)
+        async with scope():  # an engine made before instrument() is tracked at its first unit
+            await insert(await db.session(), f"x{_attempt}")
+        tracker = _observe._trackers[db.engine]
+        listeners = _observe._listeners(tracker)
+        assert all(event.contains(sync, name, fn) for name, fn in listeners)
+        otel.uninstrument()
+        assert db.engine not in _observe._trackers
+        assert not any(event.contains(sync, name, fn) for name, fn in listeners)
+    assert await sqlite.names() == ["x0", "x1"]
 
 
 # -- logs ------------------------------------------------------------------------------------

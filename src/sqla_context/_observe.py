@@ -33,6 +33,8 @@ from ._scope import _current, _scope_log
 from .exceptions import CommitError, _describe
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from sqlalchemy.ext.asyncio import AsyncEngine
 
     from ._database import Database
@@ -375,12 +377,8 @@ def track(db: Database, engine: AsyncEngine) -> None:
     if engine in _trackers:
         return
     tracker = _trackers[engine] = _Tracker(db)
-    sync = engine.sync_engine
-    event.listen(sync, "checkout", tracker.checkout)
-    event.listen(sync, "checkin", tracker.checkin)
-    event.listen(sync, "before_cursor_execute", tracker.before_execute)
-    event.listen(sync, "after_cursor_execute", tracker.after_execute)
-    event.listen(sync, "handle_error", tracker.handle_error)
+    for name, listener in _listeners(tracker):
+        event.listen(engine.sync_engine, name, listener)
     if telemetry is not None and telemetry.watches(db):
         telemetry.wrap(db, engine)
 
@@ -390,12 +388,19 @@ def untrack(engine: AsyncEngine) -> None:
     tracker = _trackers.pop(engine, None)
     if tracker is None:
         return
-    sync = engine.sync_engine
-    event.remove(sync, "checkout", tracker.checkout)
-    event.remove(sync, "checkin", tracker.checkin)
-    event.remove(sync, "before_cursor_execute", tracker.before_execute)
-    event.remove(sync, "after_cursor_execute", tracker.after_execute)
-    event.remove(sync, "handle_error", tracker.handle_error)
+    for name, listener in _listeners(tracker):
+        event.remove(engine.sync_engine, name, listener)
+
+
+def _listeners(tracker: _Tracker) -> tuple[tuple[str, Callable[..., Any]], ...]:
+    """The engine events ``tracker`` listens to, with its listener for each."""
+    return (
+        ("checkout", tracker.checkout),
+        ("checkin", tracker.checkin),
+        ("before_cursor_execute", tracker.before_execute),
+        ("after_cursor_execute", tracker.after_execute),
+        ("handle_error", tracker.handle_error),
+    )
 
 
 def set_observing(on: bool) -> None:
