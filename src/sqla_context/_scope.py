@@ -714,20 +714,26 @@ async def _wait_after_cancel(work: Coroutine[Any, Any, None]) -> None:
     into a busy loop.
     """
     task = _in_background(work)
+    if await _outlast(task):
+        _log_late_failure(task)
+    else:
+        _log.warning(
+            "closing sessions took over %ss after a cancellation; finishing in the background",
+            _FINISH_TIMEOUT,
+        )
+        task.add_done_callback(_log_late_failure)
+
+
+async def _outlast(task: asyncio.Task[Any]) -> bool:
+    """Wait for ``task`` at most ``_FINISH_TIMEOUT`` seconds, whatever cancels the waiter
+    meanwhile (the caller re-raises its own cancellation after); whether it is done."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + _FINISH_TIMEOUT
     with _shielded():
         while not task.done() and (remaining := deadline - loop.time()) > 0:
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.wait({task}, timeout=remaining)
-    if not task.done():
-        _log.warning(
-            "closing sessions took over %ss after a cancellation; finishing in the background",
-            _FINISH_TIMEOUT,
-        )
-        task.add_done_callback(_log_late_failure)
-    else:
-        _log_late_failure(task)
+    return task.done()
 
 
 def _shielded() -> contextlib.AbstractContextManager[Any]:

@@ -69,7 +69,6 @@ Already inside a scope
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 from contextvars import ContextVar
@@ -82,7 +81,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         "sqla_context.aiohttp needs aiohttp: pip install 'sqla-context[aiohttp]'"
     ) from exc
 
-from ._scope import _FINISH_TIMEOUT, _current, _in_background, _Unit, check_choice
+from ._scope import _FINISH_TIMEOUT, _current, _in_background, _outlast, _Unit, check_choice
 from .exceptions import _describe
 
 if TYPE_CHECKING:
@@ -161,12 +160,7 @@ async def _end_websocket(
     try:
         await asyncio.shield(ending)
     except asyncio.CancelledError:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + _FINISH_TIMEOUT
-        while not ending.done() and (left := deadline - loop.time()) > 0:
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.wait({ending}, timeout=left)
-        if not ending.done():
+        if not await _outlast(ending):
             _log.warning(
                 "the commit of WebSocket %s took over %ss after the handler was cancelled;"
                 " finishing in the background",
