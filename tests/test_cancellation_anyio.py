@@ -27,7 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from sqla_context import Database, scope
 
-from .conftest import Backend, insert
+from .conftest import Backend, end_stranded_aiosqlite_closes, insert
 
 #: Upper bound of every wait; never reached when a test passes.
 TIMEOUT = 30.0
@@ -95,6 +95,7 @@ async def slow_db(backend: Backend) -> AsyncIterator[Database]:
     finally:
         stop.set()
         await asyncio.wait_for(idle.wait(), TIMEOUT)
+        await end_stranded_aiosqlite_closes()
 
 
 def statement_started(db: Database, marker: str) -> asyncio.Event:
