@@ -335,6 +335,16 @@ class Item(Base):
     name: Mapped[str] = mapped_column(String(100), primary_key=True)
 
 
+async def assert_clean(
+    backend: Backend, db: Database, rows: list[str], *, settle: bool = False
+) -> None:
+    """Exactly ``rows`` are committed, no connection is checked out, no transaction is open
+    (``settle``: see ``Backend.open_transactions``)."""
+    assert await backend.names() == rows
+    assert db.engine.pool.checkedout() == 0, "a connection is still checked out"
+    assert await backend.open_transactions(settle=settle) == 0, "a transaction is left open"
+
+
 async def end_stranded_aiosqlite_closes(grace: float = 0.1) -> None:
     """End SQLAlchemy's graceful closes of aiosqlite connections that can never finish.
 

@@ -16,9 +16,9 @@ import pytest
 from sqlalchemy import event, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from sqla_context import Database, NoScopeError, scope
+from sqla_context import NoScopeError, scope
 
-from .conftest import Backend, insert
+from .conftest import Backend, assert_clean, insert
 
 #: Upper bound of every wait; never reached when a test passes.
 TIMEOUT = 30.0
@@ -33,13 +33,6 @@ async def yield_to_loop(times: int = 5) -> None:
     """Let the other ready tasks run a few steps (a yield, not a timed wait)."""
     for _ in range(times):
         await asyncio.sleep(0)
-
-
-async def assert_clean(backend: Backend, db: Database, rows: list[str]) -> None:
-    """Exactly ``rows`` are committed, no connection is checked out, no transaction is open."""
-    assert await backend.names() == rows
-    assert db.engine.pool.checkedout() == 0
-    assert await backend.open_transactions() == 0
 
 
 # -- many scopes cancelled at once -------------------------------------------------------------
@@ -382,9 +375,7 @@ async def test_swallowed_cancellation_rolls_back_and_is_raised_at_scope_exit(
 
     with pytest.raises(asyncio.CancelledError):
         await asyncio.create_task(job())
-    assert await backend.names() == []
-    assert db.engine.pool.checkedout() == 0
-    assert await backend.open_transactions() == 0
+    await assert_clean(backend, db, [])
 
 
 async def test_cancellation_swallowed_by_a_child_task_that_opened_the_session(
@@ -416,9 +407,7 @@ async def test_cancellation_swallowed_by_a_child_task_that_opened_the_session(
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    assert await backend.names() == []
-    assert db.engine.pool.checkedout() == 0
-    assert await backend.open_transactions() == 0
+    await assert_clean(backend, db, [])
 
 
 @pytest.mark.parametrize("call", ["commit", "close_session"])
@@ -438,9 +427,7 @@ async def test_swallowed_cancellation_refuses_an_early_commit(backend: Backend, 
     with pytest.raises(asyncio.CancelledError):
         await asyncio.create_task(job())
     assert reached == []
-    assert await backend.names() == []
-    assert db.engine.pool.checkedout() == 0
-    assert await backend.open_transactions() == 0
+    await assert_clean(backend, db, [])
 
 
 async def test_cancellation_undone_with_uncancel_still_commits(backend: Backend) -> None:

@@ -27,7 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from sqla_context import Database, scope
 
-from .conftest import Backend, end_stranded_aiosqlite_closes, insert
+from .conftest import Backend, assert_clean, end_stranded_aiosqlite_closes, insert
 
 #: Upper bound of every wait; never reached when a test passes.
 TIMEOUT = 30.0
@@ -149,13 +149,6 @@ def assert_no_spin(mark: tuple[float, float]) -> float:
     return wall
 
 
-async def assert_clean(backend: Backend, db: Database, rows: list[str]) -> None:
-    """Nothing checked out, no transaction open on the server, exactly ``rows`` committed."""
-    assert db.engine.pool.checkedout() == 0, "a connection is still checked out"
-    assert await backend.open_transactions(settle=True) == 0, "a transaction is left open"
-    assert await backend.names() == rows
-
-
 @pytest.fixture
 async def slow_commit(backend: Backend) -> str:
     """PostgreSQL: an INSERT whose COMMIT then runs for ``SLOW`` seconds on the server.
@@ -204,7 +197,7 @@ async def test_move_on_after_mid_statement_rolls_back(backend: Backend, slow_db:
     assert canceller.done()
     assert reached == []
     assert wall < SLOW, "the cancelled statement was waited for"
-    await assert_clean(backend, db, [])
+    await assert_clean(backend, db, [], settle=True)
 
 
 # -- at COMMIT: before it is sent, while it runs, after it completed ---------------------------
@@ -224,7 +217,7 @@ async def test_cancel_scope_before_commit_is_sent_rolls_back(backend: Backend) -
             mark = cpu_mark()
     assert_no_spin(mark)
     assert cancel_scope.cancelled_caught
-    await assert_clean(backend, db, [])
+    await assert_clean(backend, db, [], settle=True)
 
 
 async def test_cancel_scope_after_commit_completed_keeps_the_commit(backend: Backend) -> None:
@@ -245,7 +238,7 @@ async def test_cancel_scope_after_commit_completed_keeps_the_commit(backend: Bac
     assert_no_spin(mark)
     assert cancel_scope.cancelled_caught
     assert reached == []
-    await assert_clean(backend, db, ["committed"])
+    await assert_clean(backend, db, ["committed"], settle=True)
 
 
 async def test_failing_sibling_cancels_the_scope_mid_commit(
@@ -328,4 +321,4 @@ async def test_cancel_during_clean_up_waits_without_spinning(
     # The child's statement may succeed or fail (its session was closed under it): its
     # outcome is not this test's concern, only that it has ended.
     await asyncio.wait_for(asyncio.gather(*children, return_exceptions=True), TIMEOUT)
-    await assert_clean(backend, db, [])
+    await assert_clean(backend, db, [], settle=True)

@@ -24,7 +24,7 @@ from sqlalchemy.ext.asyncio import (
 
 from sqla_context import Database, ScopeClosedError, run_isolated, scope
 
-from .conftest import Backend, insert
+from .conftest import Backend, assert_clean, insert
 
 #: Upper bound of every wait; never reached when a test passes.
 TIMEOUT = 30.0
@@ -71,13 +71,6 @@ async def connection_identity(backend: Backend, session: AsyncSession) -> object
         return (await session.execute(text("SELECT connection_id()"))).scalar_one()
     connection = await session.connection()
     return connection.sync_connection.connection.dbapi_connection  # type: ignore[union-attr]
-
-
-async def assert_clean(backend: Backend, db: Database, rows: list[str]) -> None:
-    """Exactly ``rows`` are committed, no connection is checked out, no transaction is open."""
-    assert await backend.names() == rows
-    assert db.engine.pool.checkedout() == 0
-    assert await backend.open_transactions() == 0
 
 
 # -- one scope, many tasks ---------------------------------------------------------------------

@@ -34,11 +34,11 @@ from taskiq.exceptions import SendTaskError
 from taskiq.receiver import Receiver
 from taskiq_redis import RedisStreamBroker
 
-from sqla_context import CommitError, Database, NoScopeError, scope
+from sqla_context import CommitError, NoScopeError, scope
 from sqla_context import taskiq as sqla_taskiq
 from sqla_context.taskiq import SessionMiddleware
 
-from ..conftest import Backend, insert
+from ..conftest import Backend, assert_clean, insert
 
 #: Upper bound of every wait; never reached when a test passes.
 TIMEOUT = 30.0
@@ -126,13 +126,6 @@ async def worker(
             async with Redis(connection_pool=broker.connection_pool) as conn:
                 await conn.delete(name, f"autoclaim:{name}:{name}")
             await broker.shutdown()
-
-
-async def assert_clean(backend: Backend, db: Database, rows: list[str]) -> None:
-    """Exactly ``rows`` are committed, no connection is checked out, no transaction is open."""
-    assert await backend.names() == rows
-    assert db.engine.pool.checkedout() == 0
-    assert await backend.open_transactions() == 0
 
 
 # -- on every backend -------------------------------------------------------------------------
