@@ -95,7 +95,6 @@ class _Unit:
 
     __slots__ = (
         "after_commit",
-        "baseline",
         "before_commit",
         "callbacks",
         "closed",
@@ -104,6 +103,7 @@ class _Unit:
         "locks",
         "on_session",
         "owner",
+        "pending",
         "routes",
         "sessions",
         "source",
@@ -127,12 +127,12 @@ class _Unit:
         self.locks: dict[Database, asyncio.Lock] | None = None
         # Called once a session is added (an integration that watches units with sessions).
         self.on_session: Callable[[], None] | None = None
-        # The task that made the unit current (enter()): the one that ends it.
+        # The task that made the unit current (enter()): the one that ends it. For a unit
+        # never entered, the task that opened its first session.
         self.owner: asyncio.Task[Any] | None = None
-        # That task (or, for a unit never entered, the one that opened the first session)
-        # and how many cancellations of it were pending when the first session was opened
-        # (see cancel_lost()).
-        self.baseline: tuple[asyncio.Task[Any], int] | None = None
+        # How many cancellations of the owner were pending when the first session was
+        # opened (see cancel_lost()); None before.
+        self.pending: int | None = None
         self.closed = False
         self.failed = False
         # on_commit() callbacks waiting for the commit: a list of frames, the scope's own
@@ -157,10 +157,13 @@ class _Unit:
     def add(self, db: Database, session: AsyncSession) -> AsyncSession:
         """Hold ``session`` as this unit's session for ``db``; tell ``on_session``."""
         self.sessions[db] = session
-        if self.baseline is None and (task := self.owner or asyncio.current_task()) is not None:
-            # The owner's count, also when a child task opens the first session: a
-            # cancellation of the owner that a child's statement swallowed is then seen.
-            self.baseline = (task, task.cancelling())
+        if self.pending is None:
+            if self.owner is None:
+                self.owner = asyncio.current_task()
+            if self.owner is not None:
+                # The owner's count, also when a child task opens the first session: a
+                # cancellation of the owner that a child's statement swallowed is seen.
+                self.pending = self.owner.cancelling()
         if self.on_session is not None:
             self.on_session()
         if self.watch is not None or _observing or _scope_log.isEnabledFor(logging.DEBUG):
@@ -179,10 +182,10 @@ class _Unit:
         then not commit. (A scope opened after the cancellation, e.g. clean-up code in an
         ``except CancelledError:`` block, is measured from its own start.)
         """
-        if self.baseline is None:
+        task = self.owner
+        if self.pending is None or task is None:
             return False
-        task, pending = self.baseline
-        return asyncio.current_task() is task and task.cancelling() > pending
+        return asyncio.current_task() is task and task.cancelling() > self.pending
 
     def enter(self) -> Token[_Unit | None]:
         """Make this unit the current scope of the running context (its task owns it)."""
