@@ -203,8 +203,7 @@ def ensure_leg(leg: str, python: Path) -> Path:
         if not stamp.exists():
             say(f"{leg}: creating {home} with {python}")
             sh(python, "-m", "venv", "--clear", home)
-            args: list[str | Path] = [py, "-m", "pip", "install", "--progress-bar", "off"]
-            args.append(".[test]")
+            args: list[str | Path] = [py, "-m", "pip", "install", "--progress-bar=off", ".[test]"]
             if lowest:
                 pins = home / "constraints.txt"
                 pins.write_text(constraints, encoding="utf-8")
