@@ -13,13 +13,13 @@ import asyncio
 from typing import Any
 
 import pytest
-from sqlalchemy import URL, func, select, text
+from sqlalchemy import URL, func, make_url, select, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from sqla_context import ConfigurationError, Database, pgbouncer_options, scope
 
-from .conftest import PGBOUNCER_BACKENDS, Backend, direct_url
+from .conftest import PG_URL, PGBOUNCER_BACKENDS, Backend, direct_url
 
 through_pgbouncer = pytest.mark.parametrize("backend", PGBOUNCER_BACKENDS, indirect=True)
 
@@ -204,7 +204,9 @@ async def test_set_local_stays_in_its_transaction(backend: Backend) -> None:
 
 
 def test_witness_is_a_direct_connection() -> None:
-    assert direct_url("postgresql+psycopg://postgres@127.0.0.1:6432/x").endswith(":5432/x")
+    pg = make_url(PG_URL)  # SQLA_CONTEXT_PG_URL: the server PgBouncer stands in front of
+    direct = make_url(direct_url("postgresql+psycopg://postgres@127.0.0.1:6432/x"))
+    assert (direct.host, direct.port, direct.database) == (pg.host, pg.port, "x")
 
 
 # -- pgbouncer_options() ------------------------------------------------------------------
